@@ -1,0 +1,301 @@
+//! The inference engine: the only module that talks to tract.
+//!
+//! Two plans are built once, at load time, and reused for every frame and every prompt:
+//! - [`ImageEncoder`]: the SAM image encoder with its input fact fixed to 1x3x1024x1024 and the graph
+//!   optimized for it;
+//! - [`MaskDecoder`]: the prompt encoder + mask decoder exported by Meta's `SamOnnxModel`, cut so
+//!   that it returns the low-resolution logits and predicted IoU of *every* mask token. The in-graph
+//!   upsampling (whose output shape depends on the `orig_im_size` value, which tract cannot type)
+//!   and the single-mask selection are dropped; both are done in Rust by the caller. The number of
+//!   points stays a symbolic dimension, so one optimized plan serves every prompt.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Side of the square image the encoder takes.
+pub const ENCODER_INPUT_SIZE: usize = 1024;
+/// Channels of the image embedding.
+pub const EMBEDDING_CHANNELS: usize = 256;
+/// Side of the square image embedding.
+pub const EMBEDDING_SIZE: usize = 64;
+/// Side of the square low-resolution masks the decoder returns.
+pub const LOW_RES_MASK_SIZE: usize = 256;
+
+/// Number of f32 values in one image embedding (1x256x64x64).
+pub const EMBEDDING_LEN: usize = EMBEDDING_CHANNELS * EMBEDDING_SIZE * EMBEDDING_SIZE;
+/// Number of f32 values in one low-resolution mask (256x256).
+pub const LOW_RES_MASK_LEN: usize = LOW_RES_MASK_SIZE * LOW_RES_MASK_SIZE;
+
+/// Decoder inputs samrt feeds, in the order the plan takes them.
+const DECODER_INPUTS: [&str; 5] =
+    ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"];
+/// Decoder outputs samrt starts from (Meta's `SamOnnxModel` names).
+const DECODER_OUTPUTS: [&str; 2] = ["low_res_masks", "iou_predictions"];
+
+type Plan = Arc<TypedRunnableModel>;
+
+fn model_error(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Model { path: path.to_path_buf(), reason: reason.into() }
+}
+
+fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
+    if bytes.is_empty() {
+        return Err(model_error(path, "the file is empty (re-copy the model file)"));
+    }
+    tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(|e| {
+        model_error(
+            path,
+            format!("not a readable ONNX model, or truncated ({e:#}); re-copy or re-export the file"),
+        )
+    })
+}
+
+fn to_f32_vec(value: &TValue) -> TractResult<Vec<f32>> {
+    Ok(value.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+}
+
+fn shape_of(fact: &TypedFact) -> Vec<String> {
+    fact.shape.iter().map(|d| d.to_string()).collect()
+}
+
+/// The SAM image encoder: normalized, padded 1x3x1024x1024 in, 1x256x64x64 embedding out.
+#[derive(Debug)]
+pub struct ImageEncoder {
+    plan: Plan,
+}
+
+impl ImageEncoder {
+    /// Builds the optimized plan from the bytes of an ONNX file (`path` is for messages).
+    pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let model = parse_onnx(path, bytes)?;
+        let inputs = model.input_outlets().map_err(|e| model_error(path, e.to_string()))?.len();
+        if inputs != 1 {
+            return Err(model_error(
+                path,
+                format!(
+                    "an image encoder has exactly one input (the 1x3x{ENCODER_INPUT_SIZE}x{ENCODER_INPUT_SIZE} image), this model has {inputs}; \
+                     is this the decoder? pass the encoder with --encoder"
+                ),
+            ));
+        }
+        let input_fact =
+            f32::fact([1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE]).into();
+        let typed = model
+            .with_input_fact(0, input_fact)
+            .and_then(|m| m.into_typed())
+            .map_err(|e| {
+                model_error(
+                    path,
+                    format!(
+                        "cannot be typed with a 1x3x{ENCODER_INPUT_SIZE}x{ENCODER_INPUT_SIZE} f32 input ({e:#}); \
+                         is it a SAM image encoder?"
+                    ),
+                )
+            })?;
+        let outputs = typed.output_outlets().map_err(|e| model_error(path, e.to_string()))?;
+        let expected = [1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE];
+        let output_fact = typed.outlet_fact(outputs[0]).map_err(|e| model_error(path, e.to_string()))?;
+        let matches = outputs.len() == 1
+            && output_fact.datum_type == f32::datum_type()
+            && output_fact.shape.as_concrete() == Some(&expected[..]);
+        if !matches {
+            return Err(model_error(
+                path,
+                format!(
+                    "an image encoder must have one f32 output of shape {expected:?}, this model has {} output(s), the first {:?} of {:?}",
+                    outputs.len(),
+                    shape_of(output_fact),
+                    output_fact.datum_type
+                ),
+            ));
+        }
+        let plan = typed
+            .into_optimized()
+            .and_then(|m| m.into_runnable())
+            .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
+        Ok(ImageEncoder { plan })
+    }
+
+    /// Runs the encoder on a normalized, padded CHW image of 3x1024x1024 values.
+    pub fn embed(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
+        let shape = [1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE];
+        let input = Tensor::from_shape(&shape, image_chw)
+            .map_err(|e| Error::Inference(format!("encoder input: {e:#}")))?;
+        let outputs = self
+            .plan
+            .run(tvec!(input.into_tvalue()))
+            .map_err(|e| Error::Inference(format!("image encoder: {e:#}")))?;
+        to_f32_vec(&outputs[0]).map_err(|e| Error::Inference(format!("image encoder output: {e:#}")))
+    }
+}
+
+/// Logits and predicted IoU of every mask token the decoder has (4 for SAM: token 0 is the
+/// single-mask output, tokens 1..=3 the multimask outputs).
+#[derive(Debug, Clone)]
+pub struct DecodedTokens {
+    /// `tokens` low-resolution logit masks of 256x256, one after the other.
+    pub low_res_logits: Vec<f32>,
+    /// Predicted IoU of each token.
+    pub iou_predictions: Vec<f32>,
+}
+
+impl DecodedTokens {
+    /// Number of mask tokens.
+    pub fn tokens(&self) -> usize {
+        self.iou_predictions.len()
+    }
+
+    /// The 256x256 logits of token `i`.
+    pub fn logits(&self, i: usize) -> &[f32] {
+        &self.low_res_logits[i * LOW_RES_MASK_LEN..(i + 1) * LOW_RES_MASK_LEN]
+    }
+}
+
+/// One decoder call's inputs, already in the decoder's coordinate frame (see `prompt`).
+#[derive(Debug, Clone, Copy)]
+pub struct DecoderInput<'a> {
+    /// 1x256x64x64 image embedding.
+    pub embedding: &'a [f32],
+    /// `n` (x, y) pairs in the 1024-scaled frame, padding point included.
+    pub point_coords: &'a [f32],
+    /// `n` labels: 1 foreground, 0 background, 2/3 box corners, -1 padding.
+    pub point_labels: &'a [f32],
+    /// A previous 256x256 low-resolution logit mask, for iterative refinement.
+    pub mask_input: Option<&'a [f32]>,
+}
+
+/// SAM's prompt encoder + mask decoder.
+#[derive(Debug)]
+pub struct MaskDecoder {
+    plan: Plan,
+    zero_mask: Tensor,
+}
+
+/// Follows the first input of each node back from `outlet` to the `Flatten` that feeds the
+/// single-mask selection (`SamOnnxModel.select_masks` gathers from a flattened view); its input is
+/// the tensor holding every token. A decoder exported without selection has none.
+fn pre_selection_outlet(model: &InferenceModel, outlet: OutletId) -> Option<OutletId> {
+    let mut outlet = outlet;
+    for _ in 0..8 {
+        let node = model.node(outlet.node);
+        if node.op.name() == "Flatten" {
+            return node.inputs.first().copied();
+        }
+        outlet = *node.inputs.first()?;
+    }
+    None
+}
+
+impl MaskDecoder {
+    /// Builds the decoder plan from the bytes of an ONNX file exported by Meta's `SamOnnxModel`.
+    pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        let mut model = parse_onnx(path, bytes)?;
+        let input_names: Vec<String> = model
+            .input_outlets()
+            .map_err(|e| model_error(path, e.to_string()))?
+            .iter()
+            .map(|o| model.node(o.node).name.clone())
+            .collect();
+        let missing: Vec<&str> =
+            DECODER_INPUTS.iter().copied().filter(|n| !input_names.iter().any(|i| i == n)).collect();
+        let mut outlets = vec![];
+        let mut missing_outputs = vec![];
+        for name in DECODER_OUTPUTS {
+            match model.find_outlet_label(name) {
+                Some(o) => outlets.push(o),
+                None => missing_outputs.push(name),
+            }
+        }
+        if !missing.is_empty() || !missing_outputs.is_empty() {
+            return Err(model_error(
+                path,
+                format!(
+                    "not a SAM mask decoder exported by SamOnnxModel: expected inputs {DECODER_INPUTS:?} and outputs {DECODER_OUTPUTS:?}; \
+                     missing inputs {missing:?}, missing outputs {missing_outputs:?} (found inputs {input_names:?}); \
+                     is this the encoder? pass the decoder with --decoder"
+                ),
+            ));
+        }
+        let all_tokens: Vec<OutletId> = outlets
+            .iter()
+            .map(|&o| pre_selection_outlet(&model, o).unwrap_or(o))
+            .collect();
+        model
+            .set_input_names(DECODER_INPUTS)
+            .and_then(|_| model.select_output_outlets(&all_tokens))
+            .and_then(|_| model.compact())
+            .map_err(|e| model_error(path, format!("cannot cut the decoder graph: {e:#}")))?;
+        let typed = model
+            .into_optimized()
+            .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
+        let masks_fact = typed.output_fact(0).map_err(|e| model_error(path, e.to_string()))?;
+        let iou_fact = typed.output_fact(1).map_err(|e| model_error(path, e.to_string()))?;
+        let masks_shape = shape_of(masks_fact);
+        let iou_shape = shape_of(iou_fact);
+        let size = LOW_RES_MASK_SIZE.to_string();
+        let shapes_ok = masks_shape.len() == 4
+            && masks_shape[2] == size
+            && masks_shape[3] == size
+            && iou_shape.len() == 2
+            && masks_shape[1] == iou_shape[1];
+        if !shapes_ok {
+            return Err(model_error(
+                path,
+                format!(
+                    "unexpected decoder outputs: masks {masks_shape:?} and IoU {iou_shape:?}, expected [1, T, 256, 256] and [1, T]"
+                ),
+            ));
+        }
+        let plan = typed
+            .into_runnable()
+            .map_err(|e| model_error(path, format!("cannot build the decoder plan: {e:#}")))?;
+        let zero_mask = Tensor::zero::<f32>(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE])
+            .map_err(|e| Error::Inference(e.to_string()))?;
+        Ok(MaskDecoder { plan, zero_mask })
+    }
+
+    /// Runs the decoder once and returns every mask token.
+    pub fn decode(&self, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
+        let n = input.point_labels.len();
+        let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
+        let embedding = Tensor::from_shape(
+            &[1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE],
+            input.embedding,
+        )
+        .map_err(err)?;
+        let coords = Tensor::from_shape(&[1, n, 2], input.point_coords).map_err(err)?;
+        let labels = Tensor::from_shape(&[1, n], input.point_labels).map_err(err)?;
+        let (mask, has_mask) = match input.mask_input {
+            Some(m) => (
+                Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m).map_err(err)?,
+                1.0f32,
+            ),
+            None => (self.zero_mask.clone(), 0.0f32),
+        };
+        let has_mask = Tensor::from_shape(&[1], &[has_mask]).map_err(err)?;
+        let outputs = self
+            .plan
+            .run(tvec!(
+                embedding.into_tvalue(),
+                coords.into_tvalue(),
+                labels.into_tvalue(),
+                mask.into_tvalue(),
+                has_mask.into_tvalue()
+            ))
+            .map_err(err)?;
+        let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
+        let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
+        if low_res_logits.len() != iou_predictions.len() * LOW_RES_MASK_LEN {
+            return Err(Error::Inference(format!(
+                "mask decoder returned {} logits for {} tokens",
+                low_res_logits.len(),
+                iou_predictions.len()
+            )));
+        }
+        Ok(DecodedTokens { low_res_logits, iou_predictions })
+    }
+}

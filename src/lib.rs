@@ -1,0 +1,25 @@
+//! samrt: Segment Anything on robots and cameras, on tract.
+//!
+//! Data flows one way: image → [`preprocess`] → [`engine`] (encoder, once per image) →
+//! [`prompt`] → [`engine`] (decoder, once per prompt) → [`postprocess`] → sinks ([`rle`],
+//! [`overlay`]). [`SamPredictor`] is the facade over all of it. Only [`engine`] uses tract.
+
+pub mod engine;
+pub mod error;
+pub mod image_io;
+pub mod model;
+pub mod overlay;
+pub mod postprocess;
+pub mod predictor;
+pub mod preprocess;
+pub mod prompt;
+pub mod resize;
+pub mod rle;
+
+pub use error::{Error, Result};
+pub use model::ModelFiles;
+pub use postprocess::Mask;
+pub use predictor::{Embedding, MaskOutput, PredictedMask, Prediction, SamPredictor};
+pub use preprocess::Size;
+pub use prompt::{BoxPrompt, PointLabel, PointPrompt, Prompt};
+pub use rle::CocoRle;

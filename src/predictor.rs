@@ -1,0 +1,171 @@
+//! The facade: load a SAM-family model once, embed an image once, decode any number of prompts
+//! against the cached embedding.
+//!
+//! ```no_run
+//! use samrt::{ModelFiles, Prompt, SamPredictor, MaskOutput};
+//! let predictor = SamPredictor::load(&ModelFiles::default_model()?)?;
+//! let image = samrt::image_io::load_rgb("photo.jpg".as_ref())?;
+//! let embedding = predictor.embed(&image)?;
+//! let prediction = predictor.predict(&embedding, &Prompt::point(320.0, 240.0), MaskOutput::Single)?;
+//! println!("area {} score {}", prediction.masks[0].mask.area(), prediction.masks[0].iou);
+//! # Ok::<(), samrt::Error>(())
+//! ```
+
+use image::RgbImage;
+
+use crate::engine::{DecodedTokens, DecoderInput, ImageEncoder, MaskDecoder, ENCODER_INPUT_SIZE};
+use crate::error::{Error, Result};
+use crate::model::{read_model_file, ModelFiles};
+use crate::postprocess::{
+    rank_multimask, select_single_mask, stability_score, upscale_logits, Mask, MASK_THRESHOLD,
+    STABILITY_SCORE_OFFSET,
+};
+use crate::preprocess::{preprocess, preprocess_shape, PreprocessedImage, Size};
+use crate::prompt::{DecoderPrompt, Prompt};
+
+/// An image embedding with the sizes needed to map prompts in and masks out.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    /// 1x256x64x64 values.
+    pub data: Vec<f32>,
+    /// Size of the image the user gave.
+    pub original_size: Size,
+    /// Size after the longest-side resize to 1024.
+    pub input_size: Size,
+}
+
+/// Which masks a prediction returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaskOutput {
+    /// The one mask Meta's single-mask ONNX export returns (`SamOnnxModel.select_masks`).
+    Single,
+    /// SAM's three masks for ambiguous prompts, ranked by predicted IoU.
+    Multimask,
+}
+
+/// One mask with its scores.
+#[derive(Debug, Clone)]
+pub struct PredictedMask {
+    /// The mask at the original image size.
+    pub mask: Mask,
+    /// Its 256x256 low-resolution logits, usable as the next prompt's `mask_input`.
+    pub low_res_logits: Vec<f32>,
+    /// The decoder's predicted IoU.
+    pub iou: f32,
+    /// Stability score (offset [`STABILITY_SCORE_OFFSET`]) of the full-resolution logits.
+    pub stability: f32,
+    /// Which mask token of the decoder it is (0: single-mask token, 1..=3: multimask tokens).
+    pub token: usize,
+}
+
+/// The masks for one prompt, best first.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub masks: Vec<PredictedMask>,
+}
+
+/// A loaded SAM model: encoder and decoder plans, built once.
+#[derive(Debug)]
+pub struct SamPredictor {
+    encoder: ImageEncoder,
+    decoder: MaskDecoder,
+    model_name: String,
+}
+
+impl SamPredictor {
+    /// Loads and optimizes both models, checking checksums where `files` carries them.
+    pub fn load(files: &ModelFiles) -> Result<Self> {
+        let encoder_bytes = read_model_file(&files.encoder, files.encoder_sha256.as_deref())?;
+        let encoder = ImageEncoder::from_onnx_bytes(&files.encoder, &encoder_bytes)?;
+        drop(encoder_bytes);
+        let decoder_bytes = read_model_file(&files.decoder, files.decoder_sha256.as_deref())?;
+        let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &decoder_bytes)?;
+        Ok(SamPredictor { encoder, decoder, model_name: files.name.clone() })
+    }
+
+    /// The model's name.
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// Preprocesses an RGB image for the encoder; fails for images too thin to resize.
+    pub fn preprocess(&self, image: &RgbImage) -> Result<PreprocessedImage> {
+        let original = Size::new(image.height() as usize, image.width() as usize);
+        let input = preprocess_shape(original, ENCODER_INPUT_SIZE);
+        if input.width == 0 || input.height == 0 {
+            return Err(Error::UnsupportedImage(format!(
+                "a {}x{} image is too thin: its short side would be resized to 0 pixels (crop or pad it first)",
+                original.width, original.height
+            )));
+        }
+        Ok(preprocess(image))
+    }
+
+    /// Runs the image encoder on a preprocessed image.
+    pub fn encode(&self, image: &PreprocessedImage) -> Result<Embedding> {
+        Ok(Embedding {
+            data: self.encoder.embed(&image.tensor)?,
+            original_size: image.original_size,
+            input_size: image.input_size,
+        })
+    }
+
+    /// Preprocesses and encodes an image: the once-per-frame step.
+    pub fn embed(&self, image: &RgbImage) -> Result<Embedding> {
+        self.encode(&self.preprocess(image)?)
+    }
+
+    /// Validates a prompt and runs the decoder: the once-per-prompt step.
+    pub fn decode(&self, embedding: &Embedding, prompt: &Prompt) -> Result<(DecoderPrompt, DecodedTokens)> {
+        prompt.validate(embedding.original_size)?;
+        let decoder_prompt = prompt.to_decoder(embedding.original_size, embedding.input_size);
+        let tokens = self.decoder.decode(&DecoderInput {
+            embedding: &embedding.data,
+            point_coords: &decoder_prompt.point_coords,
+            point_labels: &decoder_prompt.point_labels,
+            mask_input: prompt.mask_input.as_deref(),
+        })?;
+        Ok((decoder_prompt, tokens))
+    }
+
+    /// Turns decoder tokens into masks at the original image size.
+    pub fn postprocess(
+        &self,
+        embedding: &Embedding,
+        num_points: usize,
+        tokens: &DecodedTokens,
+        output: MaskOutput,
+    ) -> Result<Prediction> {
+        let chosen = match output {
+            MaskOutput::Single => vec![select_single_mask(&tokens.iou_predictions, num_points)],
+            MaskOutput::Multimask if tokens.tokens() < 2 => {
+                return Err(Error::Inference(
+                    "this decoder returns a single mask token; multimask output needs a decoder that exposes all of SAM's mask tokens"
+                        .into(),
+                ))
+            }
+            MaskOutput::Multimask => rank_multimask(&tokens.iou_predictions),
+        };
+        let masks = chosen
+            .into_iter()
+            .map(|token| {
+                let low_res = tokens.logits(token);
+                let logits = upscale_logits(low_res, embedding.input_size, embedding.original_size);
+                PredictedMask {
+                    mask: Mask::from_logits(&logits, embedding.original_size, MASK_THRESHOLD),
+                    stability: stability_score(&logits, MASK_THRESHOLD, STABILITY_SCORE_OFFSET),
+                    low_res_logits: low_res.to_vec(),
+                    iou: tokens.iou_predictions[token],
+                    token,
+                }
+            })
+            .collect();
+        Ok(Prediction { masks })
+    }
+
+    /// Decodes a prompt and postprocesses its masks.
+    pub fn predict(&self, embedding: &Embedding, prompt: &Prompt, output: MaskOutput) -> Result<Prediction> {
+        let (decoder_prompt, tokens) = self.decode(embedding, prompt)?;
+        self.postprocess(embedding, decoder_prompt.num_points(), &tokens, output)
+    }
+}
