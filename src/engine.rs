@@ -31,20 +31,31 @@ pub const EMBEDDING_LEN: usize = EMBEDDING_CHANNELS * EMBEDDING_SIZE * EMBEDDING
 pub const LOW_RES_MASK_LEN: usize = LOW_RES_MASK_SIZE * LOW_RES_MASK_SIZE;
 
 /// Decoder inputs samrt feeds, in the order the plan takes them.
-const DECODER_INPUTS: [&str; 5] =
-    ["image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input"];
+const DECODER_INPUTS: [&str; 5] = [
+    "image_embeddings",
+    "point_coords",
+    "point_labels",
+    "mask_input",
+    "has_mask_input",
+];
 /// Decoder outputs samrt starts from (Meta's `SamOnnxModel` names).
 const DECODER_OUTPUTS: [&str; 2] = ["low_res_masks", "iou_predictions"];
 
 type Plan = Arc<TypedRunnableModel>;
 
 fn model_error(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Model { path: path.to_path_buf(), reason: reason.into() }
+    Error::Model {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
     if bytes.is_empty() {
-        return Err(model_error(path, "the file is empty (re-copy the model file)"));
+        return Err(model_error(
+            path,
+            "the file is empty (re-copy the model file)",
+        ));
     }
     tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(|e| {
         model_error(
@@ -72,7 +83,10 @@ impl ImageEncoder {
     /// Builds the optimized plan from the bytes of an ONNX file (`path` is for messages).
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
         let model = parse_onnx(path, bytes)?;
-        let inputs = model.input_outlets().map_err(|e| model_error(path, e.to_string()))?.len();
+        let inputs = model
+            .input_outlets()
+            .map_err(|e| model_error(path, e.to_string()))?
+            .len();
         if inputs != 1 {
             return Err(model_error(
                 path,
@@ -82,8 +96,7 @@ impl ImageEncoder {
                 ),
             ));
         }
-        let input_fact =
-            f32::fact([1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE]).into();
+        let input_fact = f32::fact([1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE]).into();
         let typed = model
             .with_input_fact(0, input_fact)
             .and_then(|m| m.into_typed())
@@ -96,9 +109,13 @@ impl ImageEncoder {
                     ),
                 )
             })?;
-        let outputs = typed.output_outlets().map_err(|e| model_error(path, e.to_string()))?;
+        let outputs = typed
+            .output_outlets()
+            .map_err(|e| model_error(path, e.to_string()))?;
         let expected = [1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE];
-        let output_fact = typed.outlet_fact(outputs[0]).map_err(|e| model_error(path, e.to_string()))?;
+        let output_fact = typed
+            .outlet_fact(outputs[0])
+            .map_err(|e| model_error(path, e.to_string()))?;
         let matches = outputs.len() == 1
             && output_fact.datum_type == f32::datum_type()
             && output_fact.shape.as_concrete() == Some(&expected[..]);
@@ -129,7 +146,8 @@ impl ImageEncoder {
             .plan
             .run(tvec!(input.into_tvalue()))
             .map_err(|e| Error::Inference(format!("image encoder: {e:#}")))?;
-        to_f32_vec(&outputs[0]).map_err(|e| Error::Inference(format!("image encoder output: {e:#}")))
+        to_f32_vec(&outputs[0])
+            .map_err(|e| Error::Inference(format!("image encoder output: {e:#}")))
     }
 }
 
@@ -200,8 +218,11 @@ impl MaskDecoder {
             .iter()
             .map(|o| model.node(o.node).name.clone())
             .collect();
-        let missing: Vec<&str> =
-            DECODER_INPUTS.iter().copied().filter(|n| !input_names.iter().any(|i| i == n)).collect();
+        let missing: Vec<&str> = DECODER_INPUTS
+            .iter()
+            .copied()
+            .filter(|n| !input_names.iter().any(|i| i == n))
+            .collect();
         let mut outlets = vec![];
         let mut missing_outputs = vec![];
         for name in DECODER_OUTPUTS {
@@ -232,8 +253,12 @@ impl MaskDecoder {
         let typed = model
             .into_optimized()
             .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
-        let masks_fact = typed.output_fact(0).map_err(|e| model_error(path, e.to_string()))?;
-        let iou_fact = typed.output_fact(1).map_err(|e| model_error(path, e.to_string()))?;
+        let masks_fact = typed
+            .output_fact(0)
+            .map_err(|e| model_error(path, e.to_string()))?;
+        let iou_fact = typed
+            .output_fact(1)
+            .map_err(|e| model_error(path, e.to_string()))?;
         let masks_shape = shape_of(masks_fact);
         let iou_shape = shape_of(iou_fact);
         let size = LOW_RES_MASK_SIZE.to_string();
@@ -271,7 +296,8 @@ impl MaskDecoder {
         let labels = Tensor::from_shape(&[1, n], input.point_labels).map_err(err)?;
         let (mask, has_mask) = match input.mask_input {
             Some(m) => (
-                Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m).map_err(err)?,
+                Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m)
+                    .map_err(err)?,
                 1.0f32,
             ),
             None => (self.zero_mask.clone(), 0.0f32),
@@ -296,6 +322,9 @@ impl MaskDecoder {
                 iou_predictions.len()
             )));
         }
-        Ok(DecodedTokens { low_res_logits, iou_predictions })
+        Ok(DecodedTokens {
+            low_res_logits,
+            iou_predictions,
+        })
     }
 }

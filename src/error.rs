@@ -16,7 +16,11 @@ pub enum Error {
     /// A model file is missing, unreadable, corrupt, or not the kind of model expected.
     Model { path: PathBuf, reason: String },
     /// A model file's bytes differ from the checksum it is expected to have.
-    ModelChecksum { path: PathBuf, expected: String, actual: String },
+    ModelChecksum {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
     /// A prompt cannot be used with this image.
     Prompt(String),
     /// A prompts file could not be read or parsed.

@@ -4,9 +4,11 @@
 //! [`prompt`] → [`engine`] (decoder, once per prompt) → [`postprocess`] → sinks ([`rle`],
 //! [`overlay`]). [`SamPredictor`] is the facade over all of it. Only [`engine`] uses tract.
 
+pub mod amg;
 pub mod engine;
 pub mod error;
 pub mod image_io;
+pub mod jpeg;
 pub mod model;
 pub mod overlay;
 pub mod postprocess;

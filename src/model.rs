@@ -104,17 +104,30 @@ fn default_model_candidates() -> Vec<PathBuf> {
     if let Some(root) = std::env::var_os(MODELS_ENV) {
         dirs.push(PathBuf::from(root).join(DEFAULT_MODEL_DIR));
     }
-    if let Some(bin_dir) = std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf))
+    if let Some(bin_dir) = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
     {
-        dirs.push(bin_dir.join("../share/samrt/models").join(DEFAULT_MODEL_DIR));
+        dirs.push(
+            bin_dir
+                .join("../share/samrt/models")
+                .join(DEFAULT_MODEL_DIR),
+        );
     }
-    dirs.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL_DIR));
+    dirs.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL_DIR),
+    );
     dirs
 }
 
 /// Hex sha256 of some bytes.
 pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Reads a model file whole, checking its sha256 when one is expected.
@@ -157,15 +170,21 @@ mod tests {
 
     #[test]
     fn missing_directory_and_checksum_mismatch_are_explained() {
-        let err = ModelFiles::from_dir(Path::new("/nonexistent/model")).unwrap_err().to_string();
+        let err = ModelFiles::from_dir(Path::new("/nonexistent/model"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a directory"), "{err}");
-        let err = read_model_file(Path::new("/nonexistent/encoder.onnx"), None).unwrap_err().to_string();
+        let err = read_model_file(Path::new("/nonexistent/encoder.onnx"), None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot be read"), "{err}");
         let dir = std::env::temp_dir().join(format!("samrt-model-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("x.onnx");
         std::fs::write(&file, b"abc").unwrap();
-        let err = read_model_file(&file, Some(DEFAULT_ENCODER_SHA256)).unwrap_err().to_string();
+        let err = read_model_file(&file, Some(DEFAULT_ENCODER_SHA256))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("damaged") && err.contains("ba7816bf"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -38,7 +38,10 @@ pub struct ImageCanvas<'a> {
 impl<'a> ImageCanvas<'a> {
     /// A canvas that paints opaque pixels.
     pub fn new(image: &'a mut RgbImage) -> Self {
-        ImageCanvas { image, opacity: 255 }
+        ImageCanvas {
+            image,
+            opacity: 255,
+        }
     }
 
     /// A canvas that blends pixels at `opacity` of 255.
@@ -78,17 +81,19 @@ impl DrawTarget for ImageCanvas<'_> {
 
 fn outline(mask: &Mask) -> impl Iterator<Item = (usize, usize)> + '_ {
     let (w, h) = (mask.width, mask.height);
-    (0..h).flat_map(move |y| (0..w).map(move |x| (x, y))).filter(move |&(x, y)| {
-        mask.get(x, y)
-            && (x == 0
-                || y == 0
-                || x + 1 == w
-                || y + 1 == h
-                || !mask.get(x - 1, y)
-                || !mask.get(x + 1, y)
-                || !mask.get(x, y - 1)
-                || !mask.get(x, y + 1))
-    })
+    (0..h)
+        .flat_map(move |y| (0..w).map(move |x| (x, y)))
+        .filter(move |&(x, y)| {
+            mask.get(x, y)
+                && (x == 0
+                    || y == 0
+                    || x + 1 == w
+                    || y + 1 == h
+                    || !mask.get(x - 1, y)
+                    || !mask.get(x + 1, y)
+                    || !mask.get(x, y - 1)
+                    || !mask.get(x, y + 1))
+        })
 }
 
 /// Draws the masks (tinted, outlined) and the prompts over a copy of the photo.
@@ -96,9 +101,17 @@ pub fn draw_overlay(photo: &RgbImage, masks: &[&Mask], prompts: &[&Prompt]) -> R
     let mut image = photo.clone();
     for (i, mask) in masks.iter().enumerate() {
         let color = MASK_COLORS[i % MASK_COLORS.len()];
-        let inside = mask.data.iter().enumerate().filter(|(_, &b)| b).map(|(j, _)| {
-            Pixel(Point::new((j % mask.width) as i32, (j / mask.width) as i32), color)
-        });
+        let inside = mask
+            .data
+            .iter()
+            .enumerate()
+            .filter(|(_, &b)| b)
+            .map(|(j, _)| {
+                Pixel(
+                    Point::new((j % mask.width) as i32, (j / mask.width) as i32),
+                    color,
+                )
+            });
         let Ok(()) = ImageCanvas::blended(&mut image, MASK_OPACITY).draw_iter(inside);
         let edge = outline(mask).map(|(x, y)| Pixel(Point::new(x as i32, y as i32), color));
         let Ok(()) = ImageCanvas::new(&mut image).draw_iter(edge);
@@ -115,8 +128,9 @@ pub fn draw_overlay(photo: &RgbImage, masks: &[&Mask], prompts: &[&Prompt]) -> R
                 .build();
             let top_left = Point::new(b.x0.round() as i32, b.y0.round() as i32);
             let bottom_right = Point::new(b.x1.round() as i32, b.y1.round() as i32);
-            let Ok(()) =
-                Rectangle::with_corners(top_left, bottom_right).into_styled(style).draw(&mut canvas);
+            let Ok(()) = Rectangle::with_corners(top_left, bottom_right)
+                .into_styled(style)
+                .draw(&mut canvas);
         }
         for p in &prompt.points {
             let fill = match p.label {
@@ -129,7 +143,9 @@ pub fn draw_overlay(photo: &RgbImage, masks: &[&Mask], prompts: &[&Prompt]) -> R
                 .stroke_width(stroke)
                 .build();
             let center = Point::new(p.x.round() as i32, p.y.round() as i32);
-            let Ok(()) = Circle::with_center(center, 2 * radius + 1).into_styled(style).draw(&mut canvas);
+            let Ok(()) = Circle::with_center(center, 2 * radius + 1)
+                .into_styled(style)
+                .draw(&mut canvas);
         }
     }
     image
@@ -155,7 +171,11 @@ mod tests {
                 data[y * 40 + x] = true;
             }
         }
-        let mask = Mask { width: 40, height: 30, data };
+        let mask = Mask {
+            width: 40,
+            height: 30,
+            data,
+        };
         let prompt = Prompt::point(30.0, 20.0);
         let out = draw_overlay(&photo, &[&mask], &[&prompt]);
         // Inside: blended tint; outline: full colour; outside: untouched; point: green.
@@ -164,7 +184,14 @@ mod tests {
         assert_eq!(out.get_pixel(10, 10).0[0], blended);
         assert_eq!(out.get_pixel(5, 10).0, [tint.r(), tint.g(), tint.b()]);
         assert_eq!(out.get_pixel(25, 5).0, [0, 0, 0]);
-        assert_eq!(out.get_pixel(30, 20).0, [FOREGROUND_COLOR.r(), FOREGROUND_COLOR.g(), FOREGROUND_COLOR.b()]);
+        assert_eq!(
+            out.get_pixel(30, 20).0,
+            [
+                FOREGROUND_COLOR.r(),
+                FOREGROUND_COLOR.g(),
+                FOREGROUND_COLOR.b()
+            ]
+        );
         assert_eq!(mask_image(&mask).get_pixel(10, 10).0, [255]);
         assert_eq!(mask_image(&mask).get_pixel(0, 0).0, [0]);
     }

@@ -170,10 +170,20 @@ mod tests {
     fn linear_axis_matches_pytorch_align_corners_false() {
         // torch.nn.functional.interpolate(torch.tensor([[[[0., 10.]]]]), size=(1, 4), mode="bilinear")
         // -> [0.0, 2.5, 7.5, 10.0]
-        let out = interpolate_bilinear(&[0.0, 10.0], Size::new(1, 2), Size::new(1, 4), Size::new(1, 4));
+        let out = interpolate_bilinear(
+            &[0.0, 10.0],
+            Size::new(1, 2),
+            Size::new(1, 4),
+            Size::new(1, 4),
+        );
         assert_eq!(out, vec![0.0, 2.5, 7.5, 10.0]);
         // Downscaling 4 -> 2 samples at 0.5 and 2.5: [0.5*(0+1), 0.5*(2+3)] of [0, 1, 2, 3].
-        let out = interpolate_bilinear(&[0.0, 1.0, 2.0, 3.0], Size::new(1, 4), Size::new(1, 2), Size::new(1, 2));
+        let out = interpolate_bilinear(
+            &[0.0, 1.0, 2.0, 3.0],
+            Size::new(1, 4),
+            Size::new(1, 2),
+            Size::new(1, 2),
+        );
         assert_eq!(out, vec![0.5, 2.5]);
     }
 
@@ -209,7 +219,10 @@ mod tests {
         assert_eq!(mask.bbox_xywh(), [1, 1, 2, 1]);
         assert!(mask.get(1, 1) && !mask.get(0, 0));
         // > 1.0: one pixel; > -1.0: two pixels.
-        assert_eq!(stability_score(&logits, MASK_THRESHOLD, STABILITY_SCORE_OFFSET), 0.5);
+        assert_eq!(
+            stability_score(&logits, MASK_THRESHOLD, STABILITY_SCORE_OFFSET),
+            0.5
+        );
         assert_eq!(stability_score(&[-9.0; 4], 0.0, 1.0), 0.0);
         let empty = Mask::from_logits(&[-1.0; 20], size, MASK_THRESHOLD);
         assert_eq!(empty.bbox_xywh(), [0, 0, 0, 0]);

@@ -80,7 +80,11 @@ impl SamPredictor {
         drop(encoder_bytes);
         let decoder_bytes = read_model_file(&files.decoder, files.decoder_sha256.as_deref())?;
         let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &decoder_bytes)?;
-        Ok(SamPredictor { encoder, decoder, model_name: files.name.clone() })
+        Ok(SamPredictor {
+            encoder,
+            decoder,
+            model_name: files.name.clone(),
+        })
     }
 
     /// The model's name.
@@ -116,7 +120,11 @@ impl SamPredictor {
     }
 
     /// Validates a prompt and runs the decoder: the once-per-prompt step.
-    pub fn decode(&self, embedding: &Embedding, prompt: &Prompt) -> Result<(DecoderPrompt, DecodedTokens)> {
+    pub fn decode(
+        &self,
+        embedding: &Embedding,
+        prompt: &Prompt,
+    ) -> Result<(DecoderPrompt, DecodedTokens)> {
         prompt.validate(embedding.original_size)?;
         let decoder_prompt = prompt.to_decoder(embedding.original_size, embedding.input_size);
         let tokens = self.decoder.decode(&DecoderInput {
@@ -164,7 +172,12 @@ impl SamPredictor {
     }
 
     /// Decodes a prompt and postprocesses its masks.
-    pub fn predict(&self, embedding: &Embedding, prompt: &Prompt, output: MaskOutput) -> Result<Prediction> {
+    pub fn predict(
+        &self,
+        embedding: &Embedding,
+        prompt: &Prompt,
+        output: MaskOutput,
+    ) -> Result<Prediction> {
         let (decoder_prompt, tokens) = self.decode(embedding, prompt)?;
         self.postprocess(embedding, decoder_prompt.num_points(), &tokens, output)
     }

@@ -98,12 +98,30 @@ mod tests {
     #[test]
     fn preprocess_shape_matches_python_rounding() {
         // Values computed with segment_anything's ResizeLongestSide.get_preprocess_shape.
-        assert_eq!(preprocess_shape(Size::new(1500, 2250), 1024), Size::new(683, 1024));
-        assert_eq!(preprocess_shape(Size::new(512, 512), 1024), Size::new(1024, 1024));
-        assert_eq!(preprocess_shape(Size::new(300, 451), 1024), Size::new(681, 1024));
-        assert_eq!(preprocess_shape(Size::new(600, 512), 1024), Size::new(1024, 874));
-        assert_eq!(preprocess_shape(Size::new(1080, 1920), 1024), Size::new(576, 1024));
-        assert_eq!(preprocess_shape(Size::new(1, 4000), 1024), Size::new(0, 1024));
+        assert_eq!(
+            preprocess_shape(Size::new(1500, 2250), 1024),
+            Size::new(683, 1024)
+        );
+        assert_eq!(
+            preprocess_shape(Size::new(512, 512), 1024),
+            Size::new(1024, 1024)
+        );
+        assert_eq!(
+            preprocess_shape(Size::new(300, 451), 1024),
+            Size::new(681, 1024)
+        );
+        assert_eq!(
+            preprocess_shape(Size::new(600, 512), 1024),
+            Size::new(1024, 874)
+        );
+        assert_eq!(
+            preprocess_shape(Size::new(1080, 1920), 1024),
+            Size::new(576, 1024)
+        );
+        assert_eq!(
+            preprocess_shape(Size::new(1, 4000), 1024),
+            Size::new(0, 1024)
+        );
     }
 
     #[test]

@@ -25,12 +25,14 @@ impl PointLabel {
 
     /// Parses SAM's numeric label (1 or 0).
     pub fn from_value(v: f64) -> Result<Self> {
-        match v {
-            v if v == 1.0 => Ok(PointLabel::Foreground),
-            v if v == 0.0 => Ok(PointLabel::Background),
-            _ => Err(Error::Prompt(format!(
+        if v == 1.0 {
+            Ok(PointLabel::Foreground)
+        } else if v == 0.0 {
+            Ok(PointLabel::Background)
+        } else {
+            Err(Error::Prompt(format!(
                 "point label {v} is not 1 (foreground) or 0 (background)"
-            ))),
+            )))
         }
     }
 }
@@ -84,7 +86,9 @@ impl DecoderPrompt {
 
 fn check_coordinate(what: &str, x: f64, y: f64, size: Size) -> Result<()> {
     if !x.is_finite() || !y.is_finite() {
-        return Err(Error::Prompt(format!("{what} ({x}, {y}) is not a finite number")));
+        return Err(Error::Prompt(format!(
+            "{what} ({x}, {y}) is not a finite number"
+        )));
     }
     let (w, h) = (size.width as f64, size.height as f64);
     if x < 0.0 || y < 0.0 || x > w || y > h {
@@ -100,14 +104,21 @@ impl Prompt {
     /// A prompt of one foreground point.
     pub fn point(x: f64, y: f64) -> Self {
         Prompt {
-            points: vec![PointPrompt { x, y, label: PointLabel::Foreground }],
+            points: vec![PointPrompt {
+                x,
+                y,
+                label: PointLabel::Foreground,
+            }],
             ..Default::default()
         }
     }
 
     /// A prompt of one box.
     pub fn boxed(x0: f64, y0: f64, x1: f64, y1: f64) -> Self {
-        Prompt { bbox: Some(BoxPrompt { x0, y0, x1, y1 }), ..Default::default() }
+        Prompt {
+            bbox: Some(BoxPrompt { x0, y0, x1, y1 }),
+            ..Default::default()
+        }
     }
 
     /// Checks the prompt against the original image size: at least one point or a box, finite
@@ -139,7 +150,9 @@ impl Prompt {
                 )));
             }
             if m.iter().any(|v| !v.is_finite()) {
-                return Err(Error::Prompt("mask input contains NaN or infinite values".into()));
+                return Err(Error::Prompt(
+                    "mask input contains NaN or infinite values".into(),
+                ));
             }
         }
         Ok(())
@@ -166,7 +179,10 @@ impl Prompt {
             }
             None => push(0.0, 0.0, PADDING_POINT_LABEL),
         }
-        DecoderPrompt { point_coords, point_labels }
+        DecoderPrompt {
+            point_coords,
+            point_labels,
+        }
     }
 }
 
@@ -174,15 +190,29 @@ impl Prompt {
 mod tests {
     use super::*;
 
-    const IMAGE: Size = Size { height: 300, width: 451 };
-    const INPUT: Size = Size { height: 681, width: 1024 };
+    const IMAGE: Size = Size {
+        height: 300,
+        width: 451,
+    };
+    const INPUT: Size = Size {
+        height: 681,
+        width: 1024,
+    };
 
     #[test]
     fn points_get_a_padding_point_and_scale_per_axis() {
         let p = Prompt {
             points: vec![
-                PointPrompt { x: 100.0, y: 50.0, label: PointLabel::Foreground },
-                PointPrompt { x: 451.0, y: 300.0, label: PointLabel::Background },
+                PointPrompt {
+                    x: 100.0,
+                    y: 50.0,
+                    label: PointLabel::Foreground,
+                },
+                PointPrompt {
+                    x: 451.0,
+                    y: 300.0,
+                    label: PointLabel::Background,
+                },
             ],
             ..Default::default()
         };
@@ -199,7 +229,11 @@ mod tests {
     #[test]
     fn box_becomes_two_labelled_corners_after_the_points_and_no_padding() {
         let mut p = Prompt::boxed(10.0, 20.0, 200.0, 100.0);
-        p.points.push(PointPrompt { x: 50.0, y: 60.0, label: PointLabel::Foreground });
+        p.points.push(PointPrompt {
+            x: 50.0,
+            y: 60.0,
+            label: PointLabel::Foreground,
+        });
         let d = p.to_decoder(IMAGE, INPUT);
         assert_eq!(d.point_labels, vec![1.0, 2.0, 3.0]);
         assert_eq!(d.num_points(), 3);
@@ -219,11 +253,17 @@ mod tests {
             (Prompt::boxed(10.0, 10.0, 10.0, 20.0), "empty"),
             (Prompt::boxed(10.0, 10.0, 500.0, 20.0), "outside"),
             (
-                Prompt { mask_input: Some(vec![0.0; 10]), ..Prompt::point(1.0, 1.0) },
+                Prompt {
+                    mask_input: Some(vec![0.0; 10]),
+                    ..Prompt::point(1.0, 1.0)
+                },
                 "256x256",
             ),
             (
-                Prompt { mask_input: Some(vec![f32::NAN; LOW_RES_MASK_LEN]), ..Prompt::point(1.0, 1.0) },
+                Prompt {
+                    mask_input: Some(vec![f32::NAN; LOW_RES_MASK_LEN]),
+                    ..Prompt::point(1.0, 1.0)
+                },
                 "NaN",
             ),
         ];
@@ -233,7 +273,9 @@ mod tests {
         }
         Prompt::point(0.0, 0.0).validate(IMAGE).unwrap();
         Prompt::point(451.0, 300.0).validate(IMAGE).unwrap();
-        Prompt::boxed(0.0, 0.0, 451.0, 300.0).validate(IMAGE).unwrap();
+        Prompt::boxed(0.0, 0.0, 451.0, 300.0)
+            .validate(IMAGE)
+            .unwrap();
     }
 
     #[test]
@@ -266,7 +308,11 @@ pub fn point_from_values(values: &[f64]) -> Result<PointPrompt> {
             )))
         }
     };
-    Ok(PointPrompt { x: values[0], y: values[1], label })
+    Ok(PointPrompt {
+        x: values[0],
+        y: values[1],
+        label,
+    })
 }
 
 /// Parses a prompts file: a JSON array of prompt sets, each with optional `points` and `box`.
@@ -285,8 +331,14 @@ pub fn parse_prompt_sets(json: &str) -> Result<Vec<Prompt>> {
                 .map(|p| point_from_values(p))
                 .collect::<Result<Vec<_>>>()
                 .map_err(|e| Error::Prompt(format!("prompt set {i}: {e}")))?;
-            let bbox = set.bbox.map(|[x0, y0, x1, y1]| BoxPrompt { x0, y0, x1, y1 });
-            Ok(Prompt { points, bbox, mask_input: None })
+            let bbox = set
+                .bbox
+                .map(|[x0, y0, x1, y1]| BoxPrompt { x0, y0, x1, y1 });
+            Ok(Prompt {
+                points,
+                bbox,
+                mask_input: None,
+            })
         })
         .collect()
 }
@@ -304,9 +356,23 @@ mod file_tests {
         assert_eq!(sets.len(), 3);
         assert_eq!(sets[0].points[1].label, PointLabel::Background);
         assert_eq!(sets[0].points[2].label, PointLabel::Foreground);
-        assert_eq!(sets[1].bbox, Some(BoxPrompt { x0: 1.0, y0: 2.0, x1: 3.0, y1: 4.0 }));
+        assert_eq!(
+            sets[1].bbox,
+            Some(BoxPrompt {
+                x0: 1.0,
+                y0: 2.0,
+                x1: 3.0,
+                y1: 4.0
+            })
+        );
         assert!(sets[2].bbox.is_some() && sets[2].points.len() == 1);
-        for bad in [r#"{"points": []}"#, r#"[{"pionts": [[1, 2]]}]"#, r#"[{"points": [[1]]}]"#, r#"[{"points": [[1, 2, 7]]}]"#, r#"[{"box": [1, 2, 3]}]"#] {
+        for bad in [
+            r#"{"points": []}"#,
+            r#"[{"pionts": [[1, 2]]}]"#,
+            r#"[{"points": [[1]]}]"#,
+            r#"[{"points": [[1, 2, 7]]}]"#,
+            r#"[{"box": [1, 2, 3]}]"#,
+        ] {
             assert!(parse_prompt_sets(bad).is_err(), "{bad}");
         }
     }

@@ -93,7 +93,10 @@ pub fn counts_from_string(s: &str) -> Option<Vec<u32>> {
 impl CocoRle {
     /// Encodes a mask.
     pub fn encode(mask: &Mask) -> Self {
-        CocoRle { size: [mask.height, mask.width], counts: counts_to_string(&encode_counts(mask)) }
+        CocoRle {
+            size: [mask.height, mask.width],
+            counts: counts_to_string(&encode_counts(mask)),
+        }
     }
 
     /// Decodes into a mask; `None` if the string is malformed or does not cover `size` exactly.
@@ -113,7 +116,11 @@ impl CocoRle {
             }
             value = !value;
         }
-        Some(Mask { width, height, data })
+        Some(Mask {
+            width,
+            height,
+            data,
+        })
     }
 }
 
@@ -126,7 +133,11 @@ mod tests {
         for &(x, y) in on {
             data[y * width + x] = true;
         }
-        Mask { width, height, data }
+        Mask {
+            width,
+            height,
+            data,
+        }
     }
 
     #[test]
@@ -161,23 +172,43 @@ mod tests {
         for (h, w) in [(1, 1), (7, 3), (64, 65), (300, 451)] {
             let data = (0..h * w)
                 .map(|i| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    state = state
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     (state >> 33) % 7 < 3 || (i / w) % 17 < 5
                 })
                 .collect();
-            let m = Mask { width: w, height: h, data };
+            let m = Mask {
+                width: w,
+                height: h,
+                data,
+            };
             let rle = CocoRle::encode(&m);
             assert_eq!(rle.size, [h, w]);
             assert_eq!(rle.decode().unwrap(), m);
         }
-        let full = Mask { width: 40, height: 30, data: vec![true; 1200] };
+        let full = Mask {
+            width: 40,
+            height: 30,
+            data: vec![true; 1200],
+        };
         assert_eq!(CocoRle::encode(&full).decode().unwrap(), full);
     }
 
     #[test]
     fn malformed_strings_are_rejected() {
-        assert!(CocoRle { size: [2, 2], counts: "0\u{1}".into() }.decode().is_none());
-        assert!(CocoRle { size: [2, 2], counts: "3".into() }.decode().is_none());
+        assert!(CocoRle {
+            size: [2, 2],
+            counts: "0\u{1}".into()
+        }
+        .decode()
+        .is_none());
+        assert!(CocoRle {
+            size: [2, 2],
+            counts: "3".into()
+        }
+        .decode()
+        .is_none());
         // A trailing character with the 'more' bit set and nothing after it.
         assert!(counts_from_string("P").is_none());
     }

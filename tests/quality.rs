@@ -28,12 +28,29 @@ fn miou_on_ground_truth_matches_the_reference_pipeline() {
         let gt = rle_mask(&inst["gt_rle"]);
         let p = &inst["point"];
         let point = Prompt::point(p[0].as_f64().unwrap(), p[1].as_f64().unwrap());
-        let b: Vec<f64> = inst["box"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let b: Vec<f64> = inst["box"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         let bbox = Prompt::boxed(b[0], b[1], b[2], b[3]);
-        let point_iou =
-            mask_iou(&predictor.predict(embedding, &point, MaskOutput::Single).unwrap().masks[0].mask, &gt);
-        let box_iou =
-            mask_iou(&predictor.predict(embedding, &bbox, MaskOutput::Single).unwrap().masks[0].mask, &gt);
+        let point_iou = mask_iou(
+            &predictor
+                .predict(embedding, &point, MaskOutput::Single)
+                .unwrap()
+                .masks[0]
+                .mask,
+            &gt,
+        );
+        let box_iou = mask_iou(
+            &predictor
+                .predict(embedding, &bbox, MaskOutput::Single)
+                .unwrap()
+                .masks[0]
+                .mask,
+            &gt,
+        );
         println!(
             "{file} {}: point IoU {point_iou:.4} (reference {:.4}), box IoU {box_iou:.4} (reference {:.4})",
             inst["label"], inst["reference"]["point_iou"], inst["reference"]["box_iou"]
@@ -44,8 +61,17 @@ fn miou_on_ground_truth_matches_the_reference_pipeline() {
     let n = instances.len() as f64;
     let (point_miou, box_miou) = (point_sum / n, box_sum / n);
     let reference = &quality["reference_miou"];
-    let (ref_point, ref_box) = (reference["point"].as_f64().unwrap(), reference["box"].as_f64().unwrap());
+    let (ref_point, ref_box) = (
+        reference["point"].as_f64().unwrap(),
+        reference["box"].as_f64().unwrap(),
+    );
     println!("{n} instances: point mIoU {point_miou:.4} (reference {ref_point:.4}), box mIoU {box_miou:.4} (reference {ref_box:.4})");
-    assert!((point_miou - ref_point).abs() <= MAX_MIOU_GAP, "point mIoU {point_miou} vs reference {ref_point}");
-    assert!((box_miou - ref_box).abs() <= MAX_MIOU_GAP, "box mIoU {box_miou} vs reference {ref_box}");
+    assert!(
+        (point_miou - ref_point).abs() <= MAX_MIOU_GAP,
+        "point mIoU {point_miou} vs reference {ref_point}"
+    );
+    assert!(
+        (box_miou - ref_box).abs() <= MAX_MIOU_GAP,
+        "box mIoU {box_miou} vs reference {ref_box}"
+    );
 }
