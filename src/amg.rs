@@ -11,6 +11,7 @@
 use image::RgbImage;
 
 use crate::error::{Error, Result};
+use crate::parallel::parallel_map;
 use crate::postprocess::{stability_score, upscale_logits, Mask, MASK_THRESHOLD};
 use crate::predictor::{Embedding, SamPredictor};
 use crate::prompt::Prompt;
@@ -483,30 +484,6 @@ fn masks_for_point(
     Ok(out)
 }
 
-/// Runs `f` on every item on `threads` threads, returning the results in item order.
-fn parallel_map<T: Sync, R: Send>(
-    items: &[T],
-    threads: usize,
-    f: impl Fn(&T) -> Result<R> + Sync,
-) -> Result<Vec<R>> {
-    let threads = threads.clamp(1, items.len().max(1));
-    let chunk = items.len().div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = items
-            .chunks(chunk)
-            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Result<Vec<R>>>()))
-            .collect();
-        let mut out = Vec::with_capacity(items.len());
-        for h in handles {
-            out.extend(
-                h.join()
-                    .map_err(|_| Error::Inference("a decoding thread panicked".into()))??,
-            );
-        }
-        Ok(out)
-    })
-}
-
 /// `_process_crop`: embeds one crop, decodes its grid and keeps the masks that survive the filters
 /// and NMS, in image coordinates.
 fn process_crop(
@@ -645,9 +622,48 @@ pub fn generate(
     Ok(masks)
 }
 
+/// Object proposals (the SAM paper's zero-shot proposal task): the generated masks ranked by
+/// predicted IoU, then stability (both descending; ties keep generation order), the best `k`.
+pub fn rank_proposals(mut masks: Vec<AmgMask>, k: usize) -> Vec<AmgMask> {
+    masks.sort_by(|a, b| {
+        b.predicted_iou
+            .total_cmp(&a.predicted_iou)
+            .then(b.stability_score.total_cmp(&a.stability_score))
+    });
+    masks.truncate(k);
+    masks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn proposals_are_ranked_by_predicted_iou_then_stability() {
+        let mask = |iou: f32, stability: f32| AmgMask {
+            size: [1, 1],
+            counts: vec![0, 1],
+            bbox: [0.0; 4],
+            predicted_iou: iou,
+            point: [0.5, 0.5],
+            stability_score: stability,
+            crop_box: [0, 0, 1, 1],
+        };
+        let ranked = rank_proposals(
+            vec![
+                mask(0.9, 0.96),
+                mask(0.95, 0.97),
+                mask(0.9, 0.99),
+                mask(0.5, 1.0),
+            ],
+            3,
+        );
+        let keys: Vec<(f32, f32)> = ranked
+            .iter()
+            .map(|m| (m.predicted_iou, m.stability_score))
+            .collect();
+        assert_eq!(keys, vec![(0.95, 0.97), (0.9, 0.99), (0.9, 0.96)]);
+    }
 
     fn mask_from_rows(rows: &[&str]) -> Mask {
         let width = rows[0].len();

@@ -5,12 +5,16 @@
 //! [`overlay`]). [`SamPredictor`] is the facade over all of it. Only [`engine`] uses tract.
 
 pub mod amg;
+pub mod detector;
+pub mod edges;
 pub mod engine;
 pub mod error;
 pub mod image_io;
+pub mod instances;
 pub mod jpeg;
 pub mod model;
 pub mod overlay;
+pub mod parallel;
 pub mod postprocess;
 pub mod predictor;
 pub mod preprocess;

@@ -32,6 +32,161 @@ enum Command {
     /// Segment everything: Meta's automatic mask generator (a grid of point prompts, filtered and
     /// de-duplicated), with its defaults.
     Everything(EverythingArgs),
+    /// Instance masks from boxes: every detection becomes a box prompt against one embedding; the
+    /// output is COCO instance-segmentation results.
+    Instances(InstancesArgs),
+    /// Zero-shot edge map (SAM paper, section 7.1): Sobel of the probability maps of a grid of
+    /// point prompts, NMS-deduplicated, thinned; written as an 8-bit PNG.
+    Edges(EdgesArgs),
+    /// Time one stage of the pipeline on an image (used by benches/compare_onnxruntime.py; also for
+    /// measuring a board). Prints one JSON line.
+    Bench(BenchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+enum BenchCase {
+    /// The image encoder on a preprocessed image.
+    Encoder,
+    /// The decoder on a cached embedding, low-resolution outputs only.
+    Decoder,
+    /// Press → mask: decoder plus postprocessing to a full-resolution mask.
+    Press,
+    /// Image file → mask: read, preprocess, encode, decode, postprocess.
+    Pipeline,
+    /// Segment everything with Meta's defaults (see --points-per-side).
+    Everything,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    #[arg(value_enum)]
+    case: BenchCase,
+    /// The image.
+    image: PathBuf,
+    /// Timed iterations.
+    #[arg(long, default_value_t = 5)]
+    iterations: usize,
+    /// Untimed iterations first.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// The prompt point X,Y [default: the image centre].
+    #[arg(long, value_name = "X,Y", value_parser = parse_point)]
+    point: Option<samrt::PointPrompt>,
+    /// Grid points per side for `everything`.
+    #[arg(long, default_value_t = AmgParams::default().points_per_side)]
+    points_per_side: usize,
+    /// Threads (tract's matrix products, and parallel decoding for `everything`).
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Serialize)]
+struct BenchJson {
+    case: BenchCase,
+    runtime: &'static str,
+    model: String,
+    threads: usize,
+    load_ms: f64,
+    ms: Vec<f64>,
+    median_ms: f64,
+}
+
+#[derive(Args)]
+struct EdgesArgs {
+    /// The image (PNG, JPEG, BMP, TIFF, WebP, GIF).
+    image: PathBuf,
+    /// Where to write the edge map (PNG, 255 = strongest edge).
+    #[arg(long, value_name = "FILE.png")]
+    out: PathBuf,
+    /// Grid points per side (16 gives the paper's 768 masks).
+    #[arg(long, default_value_t = samrt::edges::EdgeParams::default().points_per_side)]
+    points_per_side: usize,
+    /// Box IoU above which NMS drops a redundant mask.
+    #[arg(long, default_value_t = samrt::edges::EdgeParams::default().nms_thresh)]
+    nms_thresh: f32,
+    /// Decoder threads [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("boxes").required(true).args(["detections", "detector"])))]
+struct InstancesArgs {
+    /// The image (PNG, JPEG, BMP, TIFF, WebP, GIF).
+    image: PathBuf,
+    /// COCO detection results [{"image_id", "category_id", "bbox": [x, y, w, h], "score"}] or a
+    /// JSON list of boxes [[x0, y0, x1, y1], ...].
+    #[arg(long, value_name = "FILE.json")]
+    detections: Option<PathBuf>,
+    /// Run this object detector directory (manifest.json, ONNX, labels) on the image instead,
+    /// e.g. models/ssd_mobilenet_v2_coco.
+    #[arg(long, value_name = "DIR")]
+    detector: Option<PathBuf>,
+    /// Detector: keep boxes whose class score is at least this.
+    #[arg(long, default_value_t = samrt::detector::DEFAULT_SCORE_THRESHOLD)]
+    score_threshold: f32,
+    /// Detector: per-class NMS drops a box overlapping a kept one by more than this IoU.
+    #[arg(long, default_value_t = samrt::detector::DEFAULT_NMS_IOU)]
+    nms_iou: f32,
+    /// Detector: keep only these labels (comma-separated, e.g. person,cup).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// Decoder threads [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Write one PNG per instance and overlay.png into DIR.
+    #[arg(long, value_name = "DIR")]
+    out: Option<PathBuf>,
+    /// Print the results (each detection record plus "segmentation" as COCO RLE,
+    /// "predicted_iou", "area") as a JSON array on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+impl InstancesArgs {
+    fn detections(&self, photo: &image::RgbImage) -> Result<Vec<samrt::instances::Detection>> {
+        if let Some(path) = &self.detections {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read detections file {}", path.display()))?;
+            return samrt::instances::parse_detections(&text)
+                .with_context(|| format!("detections file {}", path.display()));
+        }
+        let dir = self
+            .detector
+            .as_ref()
+            .expect("clap requires --detections or --detector");
+        let detector = samrt::detector::Detector::load(dir)?;
+        let params = samrt::detector::DetectorParams {
+            score_threshold: self.score_threshold,
+            nms_iou: self.nms_iou,
+            classes: (!self.classes.is_empty()).then(|| self.classes.clone()),
+        };
+        let found = detector.detect(photo, &params)?;
+        log::info!("{}: {} detections", detector.name, found.len());
+        Ok(found
+            .into_iter()
+            .map(|d| {
+                let b = d.bbox;
+                let record = serde_json::json!({
+                    "category_id": d.class_index,
+                    "label": d.label,
+                    "bbox": [b.x0, b.y0, b.x1 - b.x0, b.y1 - b.y0],
+                    "score": d.score,
+                });
+                samrt::instances::Detection {
+                    bbox: b,
+                    record: record.as_object().cloned(),
+                }
+            })
+            .collect())
+    }
 }
 
 #[derive(Args)]
@@ -71,6 +226,9 @@ struct EverythingArgs {
     /// Remove islands and fill holes smaller than this many pixels (0: off).
     #[arg(long, default_value_t = AmgParams::default().min_mask_region_area)]
     min_mask_region_area: usize,
+    /// Object proposals: output only the best K masks, ranked by predicted IoU then stability.
+    #[arg(long, value_name = "K")]
+    proposals: Option<usize>,
     /// Decoder threads [default: the number of CPUs].
     #[arg(long)]
     threads: Option<usize>,
@@ -142,6 +300,9 @@ struct SegmentArgs {
     /// Return SAM's three masks per prompt, ranked by predicted IoU, instead of one.
     #[arg(long)]
     multimask: bool,
+    /// Threads for the encoder's matrix products [default: the number of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
     #[command(flatten)]
     model: ModelArgs,
     /// Write one PNG per mask and overlay.png (masks tinted, prompts marked) into DIR.
@@ -242,6 +403,10 @@ fn write_png(path: &Path, image: impl FnOnce(&Path) -> image::ImageResult<()>) -
 
 fn segment(args: &SegmentArgs) -> Result<()> {
     let sets = prompt_sets(args)?;
+    samrt::engine::set_compute_threads(
+        args.threads
+            .unwrap_or_else(samrt::parallel::default_threads),
+    );
     let photo = samrt::image_io::load_rgb(&args.image)?;
     let predictor = SamPredictor::load(&args.model.files()?)?;
     let output = if args.multimask {
@@ -376,9 +541,13 @@ fn everything(args: &EverythingArgs) -> Result<()> {
     let predictor = SamPredictor::load(&args.model.files()?)?;
     let threads = args
         .threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        .unwrap_or_else(samrt::parallel::default_threads);
+    samrt::engine::set_compute_threads(threads);
     let start = Instant::now();
-    let masks = samrt::amg::generate(&predictor, &photo, &params, threads)?;
+    let mut masks = samrt::amg::generate(&predictor, &photo, &params, threads)?;
+    if let Some(k) = args.proposals {
+        masks = samrt::amg::rank_proposals(masks, k);
+    }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(dir) = &args.out {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -411,12 +580,179 @@ fn everything(args: &EverythingArgs) -> Result<()> {
     Ok(())
 }
 
+fn instances(args: &InstancesArgs) -> Result<()> {
+    let photo = samrt::image_io::load_rgb(&args.image)?;
+    let detections = args.detections(&photo)?;
+    let predictor = SamPredictor::load(&args.model.files()?)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(samrt::parallel::default_threads);
+    samrt::engine::set_compute_threads(threads);
+    let embedding = predictor.embed(&photo)?;
+    let found = samrt::instances::segment_detections(&predictor, &embedding, &detections, threads)?;
+    if let Some(dir) = &args.out {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let masks: Vec<_> = found
+            .iter()
+            .map(|i| {
+                i.rle
+                    .decode()
+                    .context("internal error: an RLE we wrote does not decode")
+            })
+            .collect::<Result<_>>()?;
+        for (i, mask) in masks.iter().enumerate() {
+            let path = dir.join(format!("instance{i:03}.png"));
+            write_png(&path, |p| mask_image(mask).save(p))?;
+        }
+        let prompts: Vec<Prompt> = found
+            .iter()
+            .map(|i| Prompt {
+                bbox: Some(i.detection.bbox),
+                ..Default::default()
+            })
+            .collect();
+        let path = dir.join("overlay.png");
+        write_png(&path, |p| {
+            draw_overlay(
+                &photo,
+                &masks.iter().collect::<Vec<_>>(),
+                &prompts.iter().collect::<Vec<_>>(),
+            )
+            .save(p)
+        })?;
+    }
+    if args.json {
+        let records: Vec<_> = found.iter().map(|i| i.to_record()).collect();
+        println!("{}", serde_json::to_string(&records)?);
+    } else {
+        for (i, inst) in found.iter().enumerate() {
+            println!(
+                "instance {i}: predicted IoU {:.3}, area {}",
+                inst.predicted_iou, inst.area
+            );
+        }
+    }
+    Ok(())
+}
+
+fn edges(args: &EdgesArgs) -> Result<()> {
+    if args.points_per_side == 0 {
+        bail!("--points-per-side must be at least 1");
+    }
+    let photo = samrt::image_io::load_rgb(&args.image)?;
+    let predictor = SamPredictor::load(&args.model.files()?)?;
+    let threads = args
+        .threads
+        .unwrap_or_else(samrt::parallel::default_threads);
+    samrt::engine::set_compute_threads(threads);
+    let params = samrt::edges::EdgeParams {
+        points_per_side: args.points_per_side,
+        nms_thresh: args.nms_thresh,
+    };
+    let start = Instant::now();
+    let edges = samrt::edges::detect_edges(&predictor, &photo, &params, threads)?;
+    write_png(&args.out, |p| edges.to_image().save(p))?;
+    println!(
+        "wrote {} ({:.1} s)",
+        args.out.display(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn bench(args: &BenchArgs) -> Result<()> {
+    if args.iterations == 0 {
+        bail!("--iterations must be at least 1");
+    }
+    samrt::engine::set_compute_threads(args.threads);
+    let start = Instant::now();
+    let predictor = SamPredictor::load(&args.model.files()?)?;
+    let load_ms = millis(start);
+    let photo = samrt::image_io::load_rgb(&args.image)?;
+    let point = args.point.unwrap_or(samrt::PointPrompt {
+        x: f64::from(photo.width()) / 2.0,
+        y: f64::from(photo.height()) / 2.0,
+        label: samrt::PointLabel::Foreground,
+    });
+    let prompt = Prompt {
+        points: vec![point],
+        ..Default::default()
+    };
+    let preprocessed = predictor.preprocess(&photo)?;
+    let embedding = match args.case {
+        BenchCase::Decoder | BenchCase::Press => Some(predictor.encode(&preprocessed)?),
+        _ => None,
+    };
+    let params = AmgParams {
+        points_per_side: args.points_per_side,
+        ..Default::default()
+    };
+    let run_once = || -> Result<()> {
+        match args.case {
+            BenchCase::Encoder => drop(predictor.encode(&preprocessed)?),
+            BenchCase::Decoder => {
+                drop(predictor.decode(embedding.as_ref().expect("embedded"), &prompt)?)
+            }
+            BenchCase::Press => drop(predictor.predict(
+                embedding.as_ref().expect("embedded"),
+                &prompt,
+                MaskOutput::Single,
+            )?),
+            BenchCase::Pipeline => {
+                let image = samrt::image_io::load_rgb(&args.image)?;
+                let embedding = predictor.embed(&image)?;
+                drop(predictor.predict(&embedding, &prompt, MaskOutput::Single)?);
+            }
+            BenchCase::Everything => drop(samrt::amg::generate(
+                &predictor,
+                &photo,
+                &params,
+                args.threads,
+            )?),
+        }
+        Ok(())
+    };
+    for _ in 0..args.warmup {
+        run_once()?;
+    }
+    let mut ms = Vec::with_capacity(args.iterations);
+    for _ in 0..args.iterations {
+        let start = Instant::now();
+        run_once()?;
+        ms.push(millis(start));
+    }
+    let report = BenchJson {
+        case: args.case,
+        runtime: "samrt",
+        model: predictor.model_name().to_string(),
+        threads: args.threads,
+        load_ms,
+        median_ms: median(&ms),
+        ms,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Segment(args) => segment(args),
         Command::Everything(args) => everything(args),
+        Command::Instances(args) => instances(args),
+        Command::Edges(args) => edges(args),
+        Command::Bench(args) => bench(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
