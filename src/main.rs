@@ -38,9 +38,20 @@ enum Command {
     /// Zero-shot edge map (SAM paper, section 7.1): Sobel of the probability maps of a grid of
     /// point prompts, NMS-deduplicated, thinned; written as an 8-bit PNG.
     Edges(EdgesArgs),
+    /// List model directories, or verify their checksums.
+    #[command(subcommand)]
+    Models(ModelsCommand),
     /// Time one stage of the pipeline on an image (used by benches/compare_onnxruntime.py; also for
     /// measuring a board). Prints one JSON line.
     Bench(BenchArgs),
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// List the SAM models and detectors under DIR [default: the directory holding the default model].
+    List { dir: Option<PathBuf> },
+    /// Check the sha256 of every file of a model or detector directory against its manifest.
+    Verify { dir: PathBuf },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum, Serialize)]
@@ -272,15 +283,19 @@ struct ModelArgs {
     /// Mask decoder ONNX file exported by SamOnnxModel (with --encoder).
     #[arg(long, value_name = "FILE.onnx", requires = "encoder")]
     decoder: Option<PathBuf>,
+    /// Encoder precision from the model's manifest (fp32, int8-dynamic, ...).
+    #[arg(long, default_value = samrt::model::FP32)]
+    precision: String,
 }
 
 impl ModelArgs {
     fn files(&self) -> Result<ModelFiles> {
-        Ok(match (&self.model, &self.encoder, &self.decoder) {
+        let files = match (&self.model, &self.encoder, &self.decoder) {
             (Some(dir), _, _) => ModelFiles::from_dir(dir)?,
             (None, Some(e), Some(d)) => ModelFiles::from_files(e, d),
             _ => ModelFiles::default_model()?,
-        })
+        };
+        Ok(files.with_precision(&self.precision)?)
     }
 }
 
@@ -660,6 +675,101 @@ fn edges(args: &EdgesArgs) -> Result<()> {
     Ok(())
 }
 
+fn models_root() -> Result<PathBuf> {
+    let default = ModelFiles::default_model()?;
+    let dir = default
+        .encoder
+        .parent()
+        .and_then(Path::parent)
+        .context("default model has no parent directory")?;
+    Ok(dir.to_path_buf())
+}
+
+fn models(command: &ModelsCommand) -> Result<()> {
+    match command {
+        ModelsCommand::List { dir } => {
+            let root = match dir {
+                Some(d) => d.clone(),
+                None => models_root()?,
+            };
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&root)
+                .with_context(|| format!("cannot list {}", root.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.is_dir())
+                .collect();
+            entries.sort();
+            for dir in entries {
+                if let Ok(files) = ModelFiles::from_dir(&dir) {
+                    if files.encoder.is_file() && files.decoder.is_file() {
+                        let (arch, precisions) = match &files.manifest {
+                            Some(m) => (
+                                m.architecture.clone().unwrap_or_else(|| "?".into()),
+                                m.precisions().join(", "),
+                            ),
+                            None => ("?".into(), samrt::model::FP32.to_string()),
+                        };
+                        let name = if dir.ends_with(samrt::model::DEFAULT_MODEL_DIR)
+                            && files.manifest.is_none()
+                        {
+                            samrt::model::DEFAULT_MODEL_NAME.to_string()
+                        } else {
+                            files.name
+                        };
+                        println!(
+                            "{}\tSAM model {name}\tarchitecture {arch}\tencoders {precisions}",
+                            dir.display()
+                        );
+                        continue;
+                    }
+                }
+                if dir.join("manifest.json").is_file() {
+                    match samrt::detector::Detector::load(&dir) {
+                        Ok(d) => println!("{}\tdetector {}", dir.display(), d.name),
+                        Err(e) => println!("{}\tunreadable: {e}", dir.display()),
+                    }
+                }
+            }
+            Ok(())
+        }
+        ModelsCommand::Verify { dir } => {
+            let results: Vec<(PathBuf, samrt::Result<()>)> = if dir.join("manifest.json").is_file()
+                && samrt::model::ModelManifest::load(&dir.join("manifest.json")).is_err()
+            {
+                // A detector directory.
+                match samrt::detector::Detector::load(dir) {
+                    Ok(_) => vec![(dir.clone(), Ok(()))],
+                    Err(e) => vec![(dir.clone(), Err(e))],
+                }
+            } else {
+                let mut files = ModelFiles::from_dir(dir)?;
+                if files.manifest.is_none() {
+                    let default = ModelFiles::default_model()?;
+                    if std::fs::canonicalize(&files.encoder).ok()
+                        == std::fs::canonicalize(&default.encoder).ok()
+                    {
+                        files = default;
+                    }
+                }
+                files.verify()
+            };
+            let mut failed = 0;
+            for (path, result) in &results {
+                match result {
+                    Ok(()) => println!("ok\t{}", path.display()),
+                    Err(e) => {
+                        failed += 1;
+                        println!("FAILED\t{e}");
+                    }
+                }
+            }
+            if failed > 0 {
+                bail!("{failed} of {} files failed verification", results.len());
+            }
+            Ok(())
+        }
+    }
+}
+
 fn median(values: &[f64]) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(f64::total_cmp);
@@ -753,6 +863,7 @@ fn main() -> ExitCode {
         Command::Instances(args) => instances(args),
         Command::Edges(args) => edges(args),
         Command::Bench(args) => bench(args),
+        Command::Models(command) => models(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

