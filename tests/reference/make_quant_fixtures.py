@@ -7,6 +7,12 @@ Writes into tests/data/quant/:
   (uint8, per-tensor scale/zero-point initializers) -> DequantizeLinear -> Softmax(axis=-1) -> ``y``.
   The Q/DQ pair in front of Softmax is what onnxruntime's static QDQ quantization puts before
   attention softmax.
+* ``qdq_softmax_qdq.onnx`` -- the same, plus QuantizeLinear(uint8, scale 1/255, zp 0) ->
+  DequantizeLinear after the Softmax, i.e. the whole pattern ``quantize_static(QuantFormat.QDQ)``
+  emits around Softmax (checked against onnxruntime 1.32: same activation scale/zero point,
+  output scale 1/255, zero point 0). tract 0.23.9 turns DequantizeLinear -> Softmax ->
+  QuantizeLinear into a 256-entry lookup table (DequantizeLinearF32::declutter treats Softmax's
+  natural axes mapping as element-wise) and so outputs 1.0 everywhere.
 * ``per_channel_matmul.onnx`` -- ``x`` f32[1,8,32] -> MatMul with the weight
   DequantizeLinear(int8 [32,24], scale f32[24], zero_point int8[24] = 0, axis=1) -> ``y`` f32[1,8,24].
 * ``dynamic_int8_matmul.onnx`` -- float MatMul f32[1,8,32] x f32[32,24] quantized by
@@ -17,6 +23,13 @@ Writes into tests/data/quant/:
 and for each ``<name>.json``: {"input_shape", "input", "output_shape", "output" (onnxruntime CPU),
 "float_reference" (same graph in float numpy, no quantization), "notes", ...}. All values are
 float32 numbers written as JSON floats (shortest repr that round-trips to the same float32).
+
+"output" is onnxruntime with graph optimizations OFF (ORT_DISABLE_ALL), i.e. each ONNX node run by
+its own kernel = the ONNX semantics. With its default optimizations onnxruntime 1.32 rewrites two of
+these graphs: DequantizeLinear(int8, axis=1) + MatMul -> com.microsoft.MatMulNBits (bits=8), which
+also quantizes the float activations to int8 and so is off by up to ~0.16 here; and
+DynamicQuantizeLinear+MatMulInteger+Cast+Mul -> com.microsoft.DynamicQuantizeMatMul (bit-identical
+here). That default-optimization output is kept under "ort_default_optimizations" for context.
 
 Inputs: ``np.random.default_rng(0).standard_normal(shape) * 2`` (float64, then cast to float32),
 one fresh generator per fixture. Weights come from other fixed seeds (see below).
@@ -69,13 +82,23 @@ def serialize(m: onnx.ModelProto) -> bytes:
     return m.SerializeToString(deterministic=True)
 
 
-def run_ort(model_bytes: bytes, x: np.ndarray) -> np.ndarray:
+def run_ort(model_bytes: bytes, x: np.ndarray, optimize: bool) -> tuple[np.ndarray, list[str]]:
+    """onnxruntime CPU, one thread. optimize=False: ORT_DISABLE_ALL (every ONNX node runs as its
+    own reference kernel, i.e. the spec semantics); True: the session default (ORT_ENABLE_ALL).
+    Returns the output and the op types of the graph as onnxruntime ran it."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    so.log_severity_level = 3
+    so.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    with tempfile.TemporaryDirectory() as td:
+        so.optimized_model_filepath = str(Path(td) / "ran.onnx")
+        sess = ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+        ran = op_types(onnx.load(so.optimized_model_filepath))
     (y,) = sess.run(["y"], {"x": x})
-    return y
+    return y, ran
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -93,7 +116,7 @@ def op_types(m: onnx.ModelProto) -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-def qdq_softmax():
+def qdq_softmax(quantize_output: bool = False):
     shape = [1, 4, 16, 16]
     x = seeded_input(shape)
     w = (np.random.default_rng(1).standard_normal((16, 16)) * 0.3).astype(np.float32)
@@ -105,28 +128,44 @@ def qdq_softmax():
     scale = np.float32((hi - lo) / 255.0)
     zp = np.uint8(np.clip(round(-lo / float(scale)), 0, 255))
 
+    # Softmax output Q/DQ as onnxruntime's static QDQ quantizer emits it: range fixed to [0, 1],
+    # uint8 -> scale 1/255, zero point 0.
+    p_scale = np.float32(1.0 / 255.0)
+    name = "qdq_softmax_qdq" if quantize_output else "qdq_softmax"
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["logits"], name="matmul"),
         helper.make_node("QuantizeLinear", ["logits", "q_scale", "q_zero_point"], ["logits_q"], name="quant"),
         helper.make_node("DequantizeLinear", ["logits_q", "q_scale", "q_zero_point"], ["logits_dq"], name="dequant"),
-        helper.make_node("Softmax", ["logits_dq"], ["y"], name="softmax", axis=-1),
+        helper.make_node("Softmax", ["logits_dq"], ["probs" if quantize_output else "y"], name="softmax", axis=-1),
     ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array(scale, dtype=np.float32), "q_scale"),
+        numpy_helper.from_array(np.array(zp, dtype=np.uint8), "q_zero_point"),
+    ]
+    if quantize_output:
+        nodes += [
+            helper.make_node("QuantizeLinear", ["probs", "p_scale", "p_zero_point"], ["probs_q"], name="quant_out"),
+            helper.make_node("DequantizeLinear", ["probs_q", "p_scale", "p_zero_point"], ["y"], name="dequant_out"),
+        ]
+        inits += [
+            numpy_helper.from_array(np.array(p_scale, dtype=np.float32), "p_scale"),
+            numpy_helper.from_array(np.array(0, dtype=np.uint8), "p_zero_point"),
+        ]
     graph = helper.make_graph(
         nodes,
-        "qdq_softmax",
+        name,
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
-        initializer=[
-            numpy_helper.from_array(w, "w"),
-            numpy_helper.from_array(np.array(scale, dtype=np.float32), "q_scale"),
-            numpy_helper.from_array(np.array(zp, dtype=np.uint8), "q_zero_point"),
-        ],
+        initializer=inits,
     )
     m = make_model(graph)
     ref = softmax(z)
     # numpy emulation of Q/DQ (round half to even, saturate) for the notes
     q = np.clip(np.rint(z / scale) + int(zp), 0, 255)
     qdq_ref = softmax(((q - int(zp)) * scale).astype(np.float32))
+    if quantize_output:
+        qdq_ref = (np.clip(np.rint(qdq_ref / p_scale), 0, 255) * p_scale).astype(np.float32)
     extra = {
         "q_scale": float(scale),
         "q_zero_point": int(zp),
@@ -136,11 +175,23 @@ def qdq_softmax():
     notes = (
         "MatMul(x, w const f32[16,16]) -> QuantizeLinear(uint8, per-tensor scale/zero-point "
         "initializers; scale/zp from the min/max of this input's MatMul output, like onnxruntime "
-        "MinMax calibration) -> DequantizeLinear -> Softmax(axis=-1). float_reference = "
-        "softmax(x @ w) in numpy without the Q/DQ pair. Each softmax row sums to 1 and is not "
-        "all 1.0."
+        "MinMax calibration) -> DequantizeLinear -> Softmax(axis=-1)"
+        + (
+            " -> QuantizeLinear(uint8, scale 1/255, zero point 0: the fixed [0,1] range onnxruntime's "
+            "static QDQ quantizer gives Softmax outputs) -> DequantizeLinear. This is the full "
+            "pattern quantize_static(QuantFormat.QDQ) produces around Softmax. float_reference = "
+            "softmax(x @ w) in numpy without any Q/DQ. Rows sum to ~1 (up to the 1/255 output "
+            "step); a backend that folds DequantizeLinear -> Softmax -> QuantizeLinear into a "
+            "per-element lookup table computes softmax of single elements, i.e. all 1.0."
+            if quantize_output
+            else ". float_reference = softmax(x @ w) in numpy without the Q/DQ pair. Each softmax "
+            "row sums to 1 and is not all 1.0."
+        )
     )
-    return "qdq_softmax", m, x, ref, notes, extra
+    if quantize_output:
+        extra["p_scale"] = float(p_scale)
+        extra["p_zero_point"] = 0
+    return name, m, x, ref, notes, extra
 
 
 def per_channel_matmul():
@@ -224,10 +275,12 @@ def dynamic_int8_matmul():
 # --------------------------------------------------------------------------------------------
 def build() -> dict[str, bytes]:
     files: dict[str, bytes] = {}
-    for make in (qdq_softmax, per_channel_matmul, dynamic_int8_matmul):
+    makers = (qdq_softmax, lambda: qdq_softmax(quantize_output=True), per_channel_matmul, dynamic_int8_matmul)
+    for make in makers:
         name, m, x, ref, notes, extra = make()
         mb = serialize(m)
-        y = run_ort(mb, x)
+        y, _ = run_ort(mb, x, optimize=False)
+        y_opt, ran_opt = run_ort(mb, x, optimize=True)
         qdq_ref = extra.pop("_qdq_ref")
         if qdq_ref is not None:
             extra["numpy_qdq_reference_max_abs_diff_vs_output"] = float(np.abs(qdq_ref - y).max())
@@ -247,6 +300,12 @@ def build() -> dict[str, bytes]:
             "output": flat(y),
             "float_reference": flat(ref),
             "max_abs_diff_output_vs_float_reference": float(np.abs(y - ref).max()),
+            "output_source": "onnxruntime CPUExecutionProvider, graph_optimization_level=ORT_DISABLE_ALL, 1 thread",
+            "ort_default_optimizations": {
+                "op_types_as_run": ran_opt,
+                "max_abs_diff_vs_output": float(np.abs(y_opt - y).max()),
+                "output": flat(y_opt),
+            },
             "notes": notes,
             **extra,
         }
