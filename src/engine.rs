@@ -262,11 +262,36 @@ impl DecodedTokens {
     }
 }
 
+/// An image embedding (1x256x64x64) held the way the decoder takes it: made once per image and
+/// shared by every prompt and thread without copying.
+#[derive(Debug, Clone)]
+pub struct EmbeddingTensor(TValue);
+
+impl EmbeddingTensor {
+    /// Wraps 256x64x64 values.
+    pub fn new(data: &[f32]) -> Result<Self> {
+        let tensor = Tensor::from_shape(
+            &[1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE],
+            data,
+        )
+        .map_err(|e| Error::Inference(format!("image embedding: {e:#}")))?;
+        Ok(EmbeddingTensor(tensor.into_tvalue()))
+    }
+
+    /// The values, channel-major.
+    pub fn as_slice(&self) -> &[f32] {
+        self.0
+            .try_as_plain_ram()
+            .and_then(|view| view.as_slice::<f32>())
+            .expect("an embedding tensor is plain f32 by construction")
+    }
+}
+
 /// One decoder call's inputs, already in the decoder's coordinate frame (see `prompt`).
 #[derive(Debug, Clone, Copy)]
 pub struct DecoderInput<'a> {
-    /// 1x256x64x64 image embedding.
-    pub embedding: &'a [f32],
+    /// The image embedding.
+    pub embedding: &'a EmbeddingTensor,
     /// `n` (x, y) pairs in the 1024-scaled frame, padding point included.
     pub point_coords: &'a [f32],
     /// `n` labels: 1 foreground, 0 background, 2/3 box corners, -1 padding.
@@ -376,11 +401,6 @@ impl MaskDecoder {
     pub fn decode(&self, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
         let n = input.point_labels.len();
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
-        let embedding = Tensor::from_shape(
-            &[1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE],
-            input.embedding,
-        )
-        .map_err(err)?;
         let coords = Tensor::from_shape(&[1, n, 2], input.point_coords).map_err(err)?;
         let labels = Tensor::from_shape(&[1, n], input.point_labels).map_err(err)?;
         let (mask, has_mask) = match input.mask_input {
@@ -395,7 +415,7 @@ impl MaskDecoder {
         let outputs = self
             .plan
             .run(tvec!(
-                embedding.into_tvalue(),
+                input.embedding.0.clone(),
                 coords.into_tvalue(),
                 labels.into_tvalue(),
                 mask.into_tvalue(),

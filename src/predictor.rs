@@ -13,7 +13,9 @@
 
 use image::RgbImage;
 
-use crate::engine::{DecodedTokens, DecoderInput, ImageEncoder, MaskDecoder, ENCODER_INPUT_SIZE};
+use crate::engine::{
+    DecodedTokens, DecoderInput, EmbeddingTensor, ImageEncoder, MaskDecoder, ENCODER_INPUT_SIZE,
+};
 use crate::error::{Error, Result};
 use crate::model::{read_model_file, ModelFiles};
 use crate::postprocess::{
@@ -26,12 +28,19 @@ use crate::prompt::{DecoderPrompt, Prompt};
 /// An image embedding with the sizes needed to map prompts in and masks out.
 #[derive(Debug, Clone)]
 pub struct Embedding {
-    /// 1x256x64x64 values.
-    pub data: Vec<f32>,
+    /// 1x256x64x64 values, as the decoder takes them.
+    tensor: EmbeddingTensor,
     /// Size of the image the user gave.
     pub original_size: Size,
     /// Size after the longest-side resize to 1024.
     pub input_size: Size,
+}
+
+impl Embedding {
+    /// The 1x256x64x64 values, channel-major.
+    pub fn data(&self) -> &[f32] {
+        self.tensor.as_slice()
+    }
 }
 
 /// Which masks a prediction returns.
@@ -110,7 +119,7 @@ impl SamPredictor {
     /// Runs the image encoder on a preprocessed image.
     pub fn encode(&self, image: &PreprocessedImage) -> Result<Embedding> {
         Ok(Embedding {
-            data: self.encoder.embed(&image.tensor)?,
+            tensor: EmbeddingTensor::new(&self.encoder.embed(&image.tensor)?)?,
             original_size: image.original_size,
             input_size: image.input_size,
         })
@@ -130,7 +139,7 @@ impl SamPredictor {
         prompt.validate(embedding.original_size)?;
         let decoder_prompt = prompt.to_decoder(embedding.original_size, embedding.input_size);
         let tokens = self.decoder.decode(&DecoderInput {
-            embedding: &embedding.data,
+            embedding: &embedding.tensor,
             point_coords: &decoder_prompt.point_coords,
             point_labels: &decoder_prompt.point_labels,
             mask_input: prompt.mask_input.as_deref(),

@@ -45,8 +45,8 @@ fn matches_meta_reference_pipeline() {
             "{file}: resized size"
         );
         if let Some(e) = image["embedding"].as_object() {
-            let expected = load_f32(e["file"].as_str().unwrap(), 0, embedding.data.len());
-            let diff = max_abs_diff(&embedding.data, &expected);
+            let expected = load_f32(e["file"].as_str().unwrap(), 0, embedding.data().len());
+            let diff = max_abs_diff(embedding.data(), &expected);
             let scale = expected.iter().fold(0f32, |m, v| m.max(v.abs()));
             println!("{file}: embedding max abs diff {diff:e} (max |value| {scale})");
             if diff > 1e-3 * scale.max(1.0) {

@@ -77,10 +77,10 @@ fn reduced_vit_b_matches_meta_pytorch() {
                 size[1].as_u64().unwrap() as usize
             )
         );
-        check_stats(&embedding.data, &image["embedding_stats"], file);
+        check_stats(embedding.data(), &image["embedding_stats"], file);
         if let Some(e) = image["embedding"].as_object() {
-            let expected = load_f32(e["file"].as_str().unwrap(), 0, embedding.data.len());
-            let rel = relative_error(&embedding.data, &expected);
+            let expected = load_f32(e["file"].as_str().unwrap(), 0, embedding.data().len());
+            let rel = relative_error(embedding.data(), &expected);
             println!("{file}: embedding relative error {rel:e}");
             assert!(
                 rel <= EMBEDDING_RELATIVE_ERROR,
@@ -155,8 +155,8 @@ fn dynamic_int8_encoder_stays_close_to_fp32() {
         samrt::image_io::load_rgb(&data_dir().join(image["file"].as_str().unwrap())).unwrap();
     let quantized = int8.embed(&photo).unwrap();
     let e = &image["embedding"];
-    let reference = load_f32(e["file"].as_str().unwrap(), 0, quantized.data.len());
-    let cos = cosine(&quantized.data, &reference);
+    let reference = load_f32(e["file"].as_str().unwrap(), 0, quantized.data().len());
+    let cos = cosine(quantized.data(), &reference);
     let ort = image["int8_encoder_ort"]["cosine_vs_torch_fp32"]
         .as_f64()
         .unwrap();

@@ -75,6 +75,14 @@ fn check_amg_case(case: &str) {
                     "{case} mask {i}: crop box"
                 );
                 same_order += usize::from(j == i);
+                if iou == 1.0 {
+                    // Identical masks: our COCO RLE string is byte for byte pycocotools'.
+                    assert_eq!(
+                        m.rle().counts,
+                        record["segmentation"]["counts"].as_str().unwrap(),
+                        "{case} mask {i}: RLE string"
+                    );
+                }
             }
         }
     }
