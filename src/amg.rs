@@ -15,7 +15,7 @@ use crate::parallel::parallel_map;
 use crate::postprocess::{stability_score, upscale_logits, Mask, MASK_THRESHOLD};
 use crate::predictor::{Embedding, SamPredictor};
 use crate::prompt::Prompt;
-use crate::rle::{counts_to_string, CocoRle};
+use crate::rle::{counts_to_string, decode_counts, encode_counts, encode_counts_at, CocoRle};
 
 /// `SamAutomaticMaskGenerator` parameters; [`Default`] gives Meta's defaults.
 #[derive(Debug, Clone, PartialEq)]
@@ -146,7 +146,8 @@ impl AmgMask {
 
     /// The mask as a bitmap.
     pub fn mask(&self) -> Mask {
-        counts_to_mask(&self.counts, self.size[0], self.size[1])
+        decode_counts(&self.counts, self.size[0], self.size[1])
+            .expect("counts made by samrt cover the image")
     }
 
     /// `[x, y, w, h]` as Meta's record gives it (`w = x1 - x0`).
@@ -284,63 +285,6 @@ pub fn nms(boxes: &[BoxXyxy], scores: &[f32], iou_threshold: f32) -> Vec<usize> 
     keep
 }
 
-/// Column-major run lengths of a crop-sized mask placed at (`x0`, `y0`) in an image of
-/// `height × width` (`uncrop_masks` followed by `mask_to_rle_pytorch`).
-pub fn uncropped_counts(
-    mask: &Mask,
-    x0: usize,
-    y0: usize,
-    height: usize,
-    width: usize,
-) -> Vec<u32> {
-    let mut counts = Vec::new();
-    let (mut current, mut run) = (false, 0u32);
-    let mut push = |v: bool, n: u32| {
-        if n == 0 {
-            return;
-        }
-        if v != current {
-            counts.push(run);
-            run = 0;
-            current = v;
-        }
-        run += n;
-    };
-    for x in 0..width {
-        if x < x0 || x >= x0 + mask.width {
-            push(false, height as u32);
-            continue;
-        }
-        push(false, y0 as u32);
-        for y in 0..mask.height {
-            push(mask.get(x - x0, y), 1);
-        }
-        push(false, (height - y0 - mask.height) as u32);
-    }
-    counts.push(run);
-    counts
-}
-
-/// Decodes column-major run lengths into a row-major mask.
-pub fn counts_to_mask(counts: &[u32], height: usize, width: usize) -> Mask {
-    let mut data = vec![false; height * width];
-    let (mut i, mut value) = (0usize, false);
-    for &c in counts {
-        if value {
-            for k in i..i + c as usize {
-                data[(k % height) * width + k / height] = true;
-            }
-        }
-        i += c as usize;
-        value = !value;
-    }
-    Mask {
-        width,
-        height,
-        data,
-    }
-}
-
 /// Labels of the 8-connected components of `mask`'s true pixels, in raster order of their first
 /// pixel, and their sizes (`cv2.connectedComponentsWithStats(mask, 8)` without the background).
 pub fn connected_components(mask: &Mask) -> (Vec<u32>, Vec<u64>) {
@@ -468,7 +412,7 @@ fn masks_for_point(
         let (dx, dy) = (crop_box[0], crop_box[1]);
         out.push(AmgMask {
             size: image_size,
-            counts: uncropped_counts(&mask, dx, dy, height, width),
+            counts: encode_counts_at(&mask, dx, dy, height, width),
             bbox: [
                 bbox[0] + dx as f32,
                 bbox[1] + dy as f32,
@@ -547,7 +491,7 @@ pub fn postprocess_small_regions(
             remove_small_regions(&mask, min_area as f64, SmallRegion::Islands);
         let changed = holes_changed || islands_changed;
         scores.push(if changed { 0.0 } else { 1.0 });
-        updated.push(changed.then(|| (mask_to_box(&mask), crate::rle::encode_counts(&mask))));
+        updated.push(changed.then(|| (mask_to_box(&mask), encode_counts(&mask))));
     }
     let boxes: Vec<BoxXyxy> = masks
         .iter()
@@ -762,9 +706,9 @@ mod tests {
     }
 
     #[test]
-    fn uncropped_counts_equal_encoding_the_padded_mask() {
+    fn counts_of_a_placed_crop_decode_to_the_padded_mask() {
         let crop = mask_from_rows(&["#..", "##.", "..#"]);
-        let counts = uncropped_counts(&crop, 2, 1, 6, 7);
+        let counts = encode_counts_at(&crop, 2, 1, 6, 7);
         let mut padded = Mask {
             width: 7,
             height: 6,
@@ -775,10 +719,8 @@ mod tests {
                 padded.data[(y + 1) * 7 + x + 2] = crop.get(x, y);
             }
         }
-        assert_eq!(counts, crate::rle::encode_counts(&padded));
-        assert_eq!(counts_to_mask(&counts, 6, 7), padded);
-        let whole = uncropped_counts(&crop, 0, 0, 3, 3);
-        assert_eq!(whole, crate::rle::encode_counts(&crop));
+        assert_eq!(decode_counts(&counts, 6, 7), Some(padded));
+        assert_eq!(decode_counts(&counts, 6, 6), None);
     }
 
     #[test]

@@ -15,22 +15,70 @@ pub struct CocoRle {
 
 /// Run lengths of a row-major mask, in COCO's column-major order, starting with zeros.
 pub fn encode_counts(mask: &Mask) -> Vec<u32> {
+    encode_counts_at(mask, 0, 0, mask.height, mask.width)
+}
+
+/// Run lengths of `mask` placed with its top-left corner at (`x0`, `y0`) in an otherwise empty
+/// `height × width` image (a crop's mask in image coordinates, without building the big mask).
+pub fn encode_counts_at(
+    mask: &Mask,
+    x0: usize,
+    y0: usize,
+    height: usize,
+    width: usize,
+) -> Vec<u32> {
+    debug_assert!(x0 + mask.width <= width && y0 + mask.height <= height);
     let mut counts = Vec::new();
-    let mut current = false;
-    let mut run = 0u32;
-    for x in 0..mask.width {
-        for y in 0..mask.height {
-            let v = mask.data[y * mask.width + x];
-            if v != current {
-                counts.push(run);
-                run = 0;
-                current = v;
-            }
-            run += 1;
+    let (mut current, mut run) = (false, 0u32);
+    let mut push = |v: bool, n: u32| {
+        if n == 0 {
+            return;
         }
+        if v != current {
+            counts.push(run);
+            run = 0;
+            current = v;
+        }
+        run += n;
+    };
+    for x in 0..width {
+        if x < x0 || x >= x0 + mask.width {
+            push(false, height as u32);
+            continue;
+        }
+        push(false, y0 as u32);
+        for y in 0..mask.height {
+            push(mask.get(x - x0, y), 1);
+        }
+        push(false, (height - y0 - mask.height) as u32);
     }
     counts.push(run);
     counts
+}
+
+/// Decodes column-major run lengths into a row-major mask; `None` unless they cover
+/// `height × width` exactly.
+pub fn decode_counts(counts: &[u32], height: usize, width: usize) -> Option<Mask> {
+    let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
+    if total != (height * width) as u64 {
+        return None;
+    }
+    let mut data = vec![false; height * width];
+    let (mut i, mut value) = (0usize, false);
+    for &c in counts {
+        if value {
+            for k in i..i + c as usize {
+                data[(k % height) * width + k / height] = true;
+            }
+        }
+        i += c as usize;
+        value = !value;
+    }
+    Some(Mask {
+        width,
+        height,
+        data,
+    })
 }
 
 /// `rleToString`: LEB128-like, 5 bits per character offset by 48, each count after the second
@@ -102,25 +150,7 @@ impl CocoRle {
     /// Decodes into a mask; `None` if the string is malformed or does not cover `size` exactly.
     pub fn decode(&self) -> Option<Mask> {
         let [height, width] = self.size;
-        let counts = counts_from_string(&self.counts)?;
-        let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
-        if total != (height * width) as u64 {
-            return None;
-        }
-        let mut data = vec![false; height * width];
-        let (mut i, mut value) = (0usize, false);
-        for c in counts {
-            for _ in 0..c {
-                data[(i % height) * width + i / height] = value;
-                i += 1;
-            }
-            value = !value;
-        }
-        Some(Mask {
-            width,
-            height,
-            data,
-        })
+        decode_counts(&counts_from_string(&self.counts)?, height, width)
     }
 }
 
