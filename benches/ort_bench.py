@@ -89,8 +89,7 @@ def main():
         import make_amg_reference as ref
 
         torch.set_num_threads(args.threads)
-        ref.ORT_THREADS = args.threads
-        enc, dec = ref.make_sessions(encoder_path, decoder_path)
+        enc, dec = ref.make_sessions(encoder_path, decoder_path, args.threads)
         predictor = ref.make_predictor(enc, dec)
     else:
         enc = ort.InferenceSession(encoder_path, so, providers=["CPUExecutionProvider"])

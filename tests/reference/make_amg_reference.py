@@ -94,11 +94,12 @@ import segment_anything.automatic_mask_generator as amg_module
 from segment_anything.modeling.sam import Sam
 from segment_anything.utils.amg import generate_crop_boxes
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_reference import PRESEL_IOU, PRESEL_MASKS, make_sessions  # noqa: E402  (shared with the parity reference)
+
 IMG_SIZE = 1024
 PIXEL_MEAN = [123.675, 116.28, 103.53]  # Sam.__init__ defaults
 PIXEL_STD = [58.395, 57.12, 57.375]
-PRESEL_MASKS = "/Reshape_9_output_0"  # [1, 4, 256, 256] low-res logits, all mask tokens
-PRESEL_IOU = "/iou_prediction_head/layers.2/Gemm_output_0"  # [1, 4]
 ORT_THREADS = 1
 TORCH_THREADS = 1
 
@@ -247,22 +248,6 @@ class OrtSamPredictor(SamPredictor):
         if not return_logits:
             masks = masks > self.model.mask_threshold
         return masks, iou_predictions, low_res_masks
-
-
-def make_sessions(encoder_path: str, decoder_path: str):
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = ORT_THREADS
-    so.inter_op_num_threads = 1
-    providers = ["CPUExecutionProvider"]
-    enc = ort.InferenceSession(encoder_path, so, providers=providers)
-    dec_model = onnx.load(decoder_path)
-    present = {o.name for o in dec_model.graph.output}
-    for name in (PRESEL_MASKS, PRESEL_IOU):
-        assert any(name in node.output for node in dec_model.graph.node), name
-        if name not in present:
-            dec_model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    dec = ort.InferenceSession(dec_model.SerializeToString(), so, providers=providers)
-    return enc, dec
 
 
 def make_predictor(enc, dec) -> OrtSamPredictor:
@@ -469,7 +454,7 @@ def main() -> int:
     torch.set_num_threads(TORCH_THREADS)
     out_dir = os.path.join(args.data, "reference", "amg")
     os.makedirs(out_dir, exist_ok=True)
-    enc, dec = make_sessions(args.encoder, args.decoder)
+    enc, dec = make_sessions(args.encoder, args.decoder, ORT_THREADS)
     predictor = make_predictor(enc, dec)
 
     versions = {

@@ -208,9 +208,11 @@ def rle(mask: np.ndarray) -> dict:
 # ------------------------------------------------------------------------------ model
 
 
-def make_sessions(encoder_path: str, decoder_path: str):
+def make_sessions(encoder_path: str, decoder_path: str, threads: int = ORT_THREADS):
+    """onnxruntime sessions for the encoder and for the decoder with its pre-selection tensors
+    (every mask token, and their IoU) exposed as extra outputs."""
     so = ort.SessionOptions()
-    so.intra_op_num_threads = ORT_THREADS
+    so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     providers = ["CPUExecutionProvider"]
     enc = ort.InferenceSession(encoder_path, so, providers=providers)
