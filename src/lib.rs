@@ -29,3 +29,4 @@ pub use predictor::{Embedding, MaskOutput, PredictedMask, Prediction, SamPredict
 pub use preprocess::Size;
 pub use prompt::{BoxPrompt, PointLabel, PointPrompt, Prompt};
 pub use rle::CocoRle;
+pub mod service;
