@@ -44,6 +44,20 @@ enum Command {
     /// Time one stage of the pipeline on an image (used by benches/compare_onnxruntime.py; also for
     /// measuring a board). Prints one JSON line.
     Bench(BenchArgs),
+    /// The on-board service: capture frames, keep the newest embedding, answer prompts from the
+    /// button, fixed points, the detector and the control socket, and send masks to the sinks.
+    /// Runs until SIGTERM/SIGINT (then drains and flushes) or until a non-looping source ends.
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// The service configuration (see boards/samrt.example.toml for every key).
+    #[arg(long, value_name = "FILE.toml")]
+    config: PathBuf,
+    /// Check the configuration (and that the model, source, button and sinks open), then exit.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Subcommand)]
@@ -678,13 +692,7 @@ fn edges(args: &EdgesArgs) -> Result<()> {
 }
 
 fn models_root() -> Result<PathBuf> {
-    let default = ModelFiles::default_model()?;
-    let dir = default
-        .encoder
-        .parent()
-        .and_then(Path::parent)
-        .context("default model has no parent directory")?;
-    Ok(dir.to_path_buf())
+    Ok(samrt::model::models_root()?)
 }
 
 fn models(command: &ModelsCommand) -> Result<()> {
@@ -856,9 +864,50 @@ fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+fn run(args: &RunArgs) -> Result<()> {
+    use samrt::service::{load_config, notify::Notifier, Service};
+    let loaded = load_config(&args.config).map_err(anyhow::Error::msg)?;
+    for key in &loaded.unknown_keys {
+        log::warn!(
+            "config {}: unknown key `{key}` ignored (every key is listed in boards/samrt.example.toml)",
+            args.config.display()
+        );
+    }
+    let service = Service::open(loaded.config).map_err(anyhow::Error::msg)?;
+    if args.check {
+        println!("{}: configuration OK", args.config.display());
+        return Ok(());
+    }
+    // Signals only send on a channel; the service drains and flushes when it receives.
+    let (shutdown_tx, shutdown_rx) = std::sync::mpsc::channel();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install the SIGTERM/SIGINT handlers")?;
+    std::thread::spawn(move || {
+        for signal in signals.forever() {
+            log::info!("received signal {signal}");
+            if shutdown_tx.send(()).is_err() {
+                break;
+            }
+        }
+    });
+    service
+        .run(shutdown_rx, &Notifier::from_env())
+        .map_err(anyhow::Error::msg)
+}
+
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // The service logs its progress (journald keeps it); the one-shot commands only warnings.
+    let default_level = if matches!(cli.command, Command::Run(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(default_level))
+        .init();
     let result = match &cli.command {
         Command::Segment(args) => segment(args),
         Command::Everything(args) => everything(args),
@@ -866,6 +915,7 @@ fn main() -> ExitCode {
         Command::Edges(args) => edges(args),
         Command::Bench(args) => bench(args),
         Command::Models(command) => models(command),
+        Command::Run(args) => run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

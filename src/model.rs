@@ -348,6 +348,28 @@ pub fn read_model_file(path: &Path, expected_sha256: Option<&str>) -> Result<Vec
     Ok(bytes)
 }
 
+/// The directory holding the default model and the bundled detector.
+pub fn models_root() -> Result<PathBuf> {
+    let default = ModelFiles::default_model()?;
+    default
+        .encoder
+        .parent()
+        .and_then(Path::parent)
+        .map(Path::to_path_buf)
+        .ok_or_else(|| Error::Model {
+            path: default.encoder.clone(),
+            reason: "the default model has no parent directory".into(),
+        })
+}
+
+/// Directory name of the bundled object detector, beside the default model.
+pub const DEFAULT_DETECTOR_DIR: &str = "ssd_mobilenet_v2_coco";
+
+/// The bundled detector's directory.
+pub fn default_detector_dir() -> Result<PathBuf> {
+    Ok(models_root()?.join(DEFAULT_DETECTOR_DIR))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,919 @@
+//! The service's threads and how data flows between them:
+//!
+//! ```text
+//! capture ──newest frame──▶ encoder ──newest embedding──▶ decoder ──events──▶ sinks
+//!                                     button ──prompts──▶    ▲
+//!                                     control ──prompts──────┘
+//! ```
+//!
+//! Capture never waits for inference: it overwrites a one-frame slot, and the encoder always
+//! takes the newest frame. Prompts wait in a bounded queue and are decoded against the newest
+//! embedding; events wait in a bounded queue for the sinks. Nothing grows without bound.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use image::RgbImage;
+use serde_json::Value;
+
+use super::button::{start_button, ButtonEdge, ButtonHandle, ButtonPress, Debouncer, PressKind};
+use super::config::ServiceConfig;
+use super::control::ControlServer;
+use super::display::DisplaySink;
+use super::files_sink::FilesSink;
+use super::mqtt::MqttSink;
+use super::notify::Notifier;
+use super::sink::{EventMask, MaskEvent, PromptOrigin, Sink};
+use super::source::{open_source, FrameSource, SourceError};
+use super::stats::{bump, Stats};
+use super::stream::StreamSink;
+use crate::amg::AmgParams;
+use crate::detector::{Detector, DetectorParams};
+use crate::model::ModelFiles;
+use crate::parallel::default_threads;
+use crate::predictor::{Embedding, MaskOutput, SamPredictor};
+use crate::prompt::{PointLabel, PointPrompt, Prompt};
+
+/// The longest wait between reconnect attempts of a source that is gone.
+pub const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
+/// How often blocked threads look at the stop flag.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A frame with its sequence number (counted by the service from 1).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub seq: u64,
+    pub origin: String,
+    pub image: Arc<RgbImage>,
+}
+
+/// A frame and its embedding: what prompts are decoded against.
+#[derive(Debug)]
+pub struct EncodedFrame {
+    pub frame: Frame,
+    pub embedding: Embedding,
+}
+
+/// The answer to a control-socket request: the event's JSON, or why there is none.
+pub type Reply = Result<Value, String>;
+
+/// Work for the decoder thread.
+#[derive(Debug)]
+pub enum Job {
+    /// Decode one prompt against the newest embedding.
+    Prompt {
+        origin: PromptOrigin,
+        prompt: Prompt,
+        multimask: bool,
+        received: Instant,
+        reply: Option<Sender<Reply>>,
+    },
+    /// Segment everything in the newest frame.
+    Everything {
+        origin: PromptOrigin,
+        received: Instant,
+        reply: Option<Sender<Reply>>,
+    },
+    /// A frame was encoded: run the per-frame prompts (fixed points, detector).
+    Encoded(Arc<EncodedFrame>),
+}
+
+/// State every thread shares.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub stats: Stats,
+    stop: AtomicBool,
+    newest: Mutex<Option<Arc<EncodedFrame>>>,
+    newest_changed: Condvar,
+}
+
+impl Shared {
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    /// The newest encoded frame, waiting up to `timeout` for the first one.
+    pub fn newest(&self, timeout: Duration) -> Option<Arc<EncodedFrame>> {
+        let deadline = Instant::now() + timeout;
+        let mut newest = self.newest.lock().unwrap_or_else(|e| e.into_inner());
+        while newest.is_none() {
+            let now = Instant::now();
+            if now >= deadline || self.stopping() {
+                return None;
+            }
+            newest = self
+                .newest_changed
+                .wait_timeout(newest, (deadline - now).min(POLL))
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        newest.clone()
+    }
+
+    fn publish(&self, encoded: Arc<EncodedFrame>) {
+        *self.newest.lock().unwrap_or_else(|e| e.into_inner()) = Some(encoded);
+        self.newest_changed.notify_all();
+    }
+}
+
+/// A one-frame slot: capture overwrites, the encoder takes. Latest frame wins.
+#[derive(Debug, Default)]
+pub struct LatestFrame {
+    slot: Mutex<(Option<Frame>, bool)>,
+    ready: Condvar,
+}
+
+impl LatestFrame {
+    /// Stores a frame; returns true if it replaced one the encoder never took.
+    pub fn put(&self, frame: Frame) -> bool {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        let replaced = slot.0.replace(frame).is_some();
+        self.ready.notify_one();
+        replaced
+    }
+
+    /// No more frames will come: `take` returns `None` once the slot is empty.
+    pub fn close(&self) {
+        self.slot.lock().unwrap_or_else(|e| e.into_inner()).1 = true;
+        self.ready.notify_all();
+    }
+
+    /// The newest frame, waiting for one; `None` when closed and empty, or on stop.
+    pub fn take(&self, stop: &AtomicBool) -> Option<Frame> {
+        let mut slot = self.slot.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(frame) = slot.0.take() {
+                return Some(frame);
+            }
+            if slot.1 || stop.load(Ordering::Relaxed) {
+                return None;
+            }
+            slot = self
+                .ready
+                .wait_timeout(slot, POLL)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+}
+
+/// Sleeps up to `duration`, waking early on stop; false if stopping.
+fn sleep_unless_stopped(shared: &Shared, duration: Duration) -> bool {
+    let deadline = Instant::now() + duration;
+    while Instant::now() < deadline {
+        if shared.stopping() {
+            return false;
+        }
+        std::thread::sleep(POLL.min(deadline - Instant::now()));
+    }
+    !shared.stopping()
+}
+
+/// A warning that repeats at most once per `every` (a camera unplugged for an hour logs a line
+/// a minute, not a line a frame).
+#[derive(Debug)]
+struct RateLimitedLog {
+    every: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimitedLog {
+    fn new(every: Duration) -> Self {
+        RateLimitedLog {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, message: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now - t < self.every) {
+            self.suppressed += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.suppressed);
+        if more > 0 {
+            log::warn!("{} ({more} more like it since the last report)", message());
+        } else {
+            log::warn!("{}", message());
+        }
+        self.last = Some(now);
+    }
+}
+
+fn capture_loop(
+    mut source: Box<dyn FrameSource>,
+    latest: &LatestFrame,
+    shared: &Shared,
+    initial_backoff: Duration,
+) {
+    let stats = &shared.stats;
+    let mut seq = 0u64;
+    let mut backoff = initial_backoff;
+    let mut corrupt_log = RateLimitedLog::new(Duration::from_secs(60));
+    while !shared.stopping() {
+        match source.next_frame() {
+            Ok(captured) => {
+                seq += 1;
+                bump(&stats.captured);
+                stats
+                    .source_dropped
+                    .fetch_add(captured.dropped_before, Ordering::Relaxed);
+                backoff = initial_backoff;
+                let replaced = latest.put(Frame {
+                    seq,
+                    origin: captured.origin,
+                    image: Arc::new(captured.image),
+                });
+                if replaced {
+                    bump(&stats.skipped);
+                }
+            }
+            Err(SourceError::Corrupt(reason)) => {
+                bump(&stats.corrupt);
+                corrupt_log.warn(|| format!("skipping a frame: {reason}"));
+            }
+            Err(SourceError::Finished) => {
+                log::info!("source {} finished after {seq} frames", source.describe());
+                break;
+            }
+            Err(SourceError::Disconnected(reason)) => {
+                bump(&stats.source_errors);
+                log::warn!(
+                    "source {}: {reason}; retrying in {:.1} s",
+                    source.describe(),
+                    backoff.as_secs_f64()
+                );
+                loop {
+                    if !sleep_unless_stopped(shared, backoff) {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(MAX_RECONNECT_BACKOFF);
+                    match source.reconnect() {
+                        Ok(()) => {
+                            bump(&stats.reconnects);
+                            log::info!("source {} is back", source.describe());
+                            break;
+                        }
+                        Err(e) => {
+                            bump(&stats.source_errors);
+                            log::warn!(
+                                "source still unavailable: {e}; retrying in {:.1} s",
+                                backoff.as_secs_f64()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+    latest.close();
+}
+
+fn encode_loop(
+    predictor: &SamPredictor,
+    latest: &LatestFrame,
+    shared: &Shared,
+    jobs: &SyncSender<Job>,
+    per_frame_prompts: bool,
+) {
+    let stats = &shared.stats;
+    let mut errors = RateLimitedLog::new(Duration::from_secs(60));
+    while let Some(frame) = latest.take(&shared.stop) {
+        let start = Instant::now();
+        match predictor.embed(&frame.image) {
+            Ok(embedding) => {
+                stats.record_encode_ms(start.elapsed().as_secs_f64() * 1e3);
+                bump(&stats.encoded);
+                let encoded = Arc::new(EncodedFrame { frame, embedding });
+                shared.publish(encoded.clone());
+                if per_frame_prompts {
+                    // The per-frame prompts of a frame not yet reached are dropped, not queued:
+                    // the next frame's replace them.
+                    if let Err(TrySendError::Full(_)) = jobs.try_send(Job::Encoded(encoded)) {
+                        bump(&stats.prompts_refused);
+                    }
+                }
+            }
+            Err(e) => {
+                bump(&stats.encode_errors);
+                errors
+                    .warn(|| format!("cannot encode frame {} ({}): {e}", frame.seq, frame.origin));
+            }
+        }
+    }
+}
+
+/// What the decoder thread needs besides its queue.
+struct Decoder<'a> {
+    predictor: &'a SamPredictor,
+    detector: Option<&'a Detector>,
+    config: &'a ServiceConfig,
+    shared: &'a Shared,
+    events: SyncSender<MaskEvent>,
+    next_event_id: u64,
+    threads: usize,
+}
+
+impl Decoder<'_> {
+    fn first_frame_timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.config.service.first_frame_timeout_s)
+    }
+
+    fn emit(
+        &mut self,
+        encoded: &EncodedFrame,
+        origin: PromptOrigin,
+        prompt: Option<Prompt>,
+        masks: Vec<EventMask>,
+        received: Instant,
+    ) -> Value {
+        let latency_ms = received.elapsed().as_secs_f64() * 1e3;
+        self.shared.stats.record_prompt_ms(latency_ms);
+        let event = MaskEvent {
+            id: self.next_event_id,
+            frame: encoded.frame.seq,
+            frame_origin: encoded.frame.origin.clone(),
+            origin,
+            prompt,
+            masks,
+            latency_ms,
+            time: SystemTime::now(),
+            image: encoded.frame.image.clone(),
+        };
+        self.next_event_id += 1;
+        bump(&self.shared.stats.events);
+        let json = event.to_json();
+        // Blocks while the sinks are behind: an event once produced is never dropped here.
+        let _ = self.events.send(event);
+        json
+    }
+
+    fn decode_prompt(
+        &mut self,
+        encoded: &EncodedFrame,
+        prompt: &Prompt,
+        multimask: bool,
+    ) -> Result<Vec<EventMask>, String> {
+        let output = if multimask {
+            MaskOutput::Multimask
+        } else {
+            MaskOutput::Single
+        };
+        let prediction = self
+            .predictor
+            .predict(&encoded.embedding, prompt, output)
+            .map_err(|e| e.to_string())?;
+        Ok(prediction
+            .masks
+            .into_iter()
+            .map(|m| EventMask::new(m.mask, m.iou, m.stability))
+            .collect())
+    }
+
+    fn everything(&mut self, encoded: &EncodedFrame) -> Result<Vec<EventMask>, String> {
+        let params = AmgParams {
+            points_per_side: self.config.prompts.everything.points_per_side,
+            crop_n_layers: self.config.prompts.everything.crop_n_layers,
+            ..AmgParams::default()
+        };
+        let masks =
+            crate::amg::generate(self.predictor, &encoded.frame.image, &params, self.threads)
+                .map_err(|e| e.to_string())?;
+        Ok(masks
+            .iter()
+            .map(|m| EventMask::new(m.mask(), m.predicted_iou, m.stability_score))
+            .collect())
+    }
+
+    fn fail(&self, reply: Option<Sender<Reply>>, what: &str, error: String) {
+        bump(&self.shared.stats.prompt_errors);
+        log::warn!("{what}: {error}");
+        if let Some(reply) = reply {
+            let _ = reply.send(Err(error));
+        }
+    }
+
+    fn run_job(&mut self, job: Job) {
+        match job {
+            Job::Prompt {
+                origin,
+                prompt,
+                multimask,
+                received,
+                reply,
+            } => {
+                let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
+                    return self.fail(reply, "prompt", "no frame has been encoded yet (is the source delivering frames? see the log)".into());
+                };
+                match self.decode_prompt(&encoded, &prompt, multimask) {
+                    Ok(masks) => {
+                        let json = self.emit(&encoded, origin, Some(prompt), masks, received);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(json));
+                        }
+                    }
+                    Err(e) => self.fail(reply, &format!("{} prompt", origin.kind()), e),
+                }
+            }
+            Job::Everything {
+                origin,
+                received,
+                reply,
+            } => {
+                let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
+                    return self.fail(
+                        reply,
+                        "segment everything",
+                        "no frame has been encoded yet".into(),
+                    );
+                };
+                match self.everything(&encoded) {
+                    Ok(masks) => {
+                        let json = self.emit(&encoded, origin, None, masks, received);
+                        if let Some(reply) = reply {
+                            let _ = reply.send(Ok(json));
+                        }
+                    }
+                    Err(e) => self.fail(reply, "segment everything", e),
+                }
+            }
+            Job::Encoded(encoded) => self.per_frame(&encoded),
+        }
+    }
+
+    fn per_frame(&mut self, encoded: &EncodedFrame) {
+        let received = Instant::now();
+        let n = self.shared.stats.encoded.load(Ordering::Relaxed);
+        let fixed = &self.config.prompts.fixed;
+        if fixed.every_n_frames > 0 && (n - 1).is_multiple_of(fixed.every_n_frames) {
+            let prompt = Prompt {
+                points: fixed
+                    .points
+                    .iter()
+                    .map(|p| PointPrompt {
+                        x: p[0],
+                        y: p[1],
+                        label: PointLabel::Foreground,
+                    })
+                    .collect(),
+                ..Prompt::default()
+            };
+            match self.decode_prompt(encoded, &prompt, self.config.prompts.multimask) {
+                Ok(masks) => {
+                    self.emit(encoded, PromptOrigin::Fixed, Some(prompt), masks, received);
+                }
+                Err(e) => self.fail(None, "fixed prompt", e),
+            }
+        }
+        let detector_config = &self.config.prompts.detector;
+        if let Some(detector) = self.detector {
+            if !(n - 1).is_multiple_of(detector_config.every_n_frames) {
+                return;
+            }
+            let params = DetectorParams {
+                score_threshold: detector_config.score_threshold,
+                classes: (!detector_config.classes.is_empty())
+                    .then(|| detector_config.classes.clone()),
+                ..DetectorParams::default()
+            };
+            let mut objects = match detector.detect(&encoded.frame.image, &params) {
+                Ok(objects) => objects,
+                Err(e) => return self.fail(None, "detector", e.to_string()),
+            };
+            objects.sort_by(|a, b| b.score.total_cmp(&a.score));
+            objects.truncate(detector_config.max_boxes);
+            for object in objects {
+                let prompt = Prompt {
+                    bbox: Some(object.bbox),
+                    ..Prompt::default()
+                };
+                match self.decode_prompt(encoded, &prompt, false) {
+                    Ok(masks) => {
+                        self.emit(
+                            encoded,
+                            PromptOrigin::Detector {
+                                label: object.label,
+                            },
+                            Some(prompt),
+                            masks,
+                            received,
+                        );
+                    }
+                    Err(e) => self.fail(None, "detector box", e),
+                }
+            }
+        }
+    }
+}
+
+/// The prompt a short button press makes: the configured points, or the frame centre.
+pub fn button_prompt(points: &[[f64; 2]], frame: &RgbImage) -> Prompt {
+    let points = if points.is_empty() {
+        vec![PointPrompt {
+            x: frame.width() as f64 / 2.0,
+            y: frame.height() as f64 / 2.0,
+            label: PointLabel::Foreground,
+        }]
+    } else {
+        points
+            .iter()
+            .map(|p| PointPrompt {
+                x: p[0],
+                y: p[1],
+                label: PointLabel::Foreground,
+            })
+            .collect()
+    };
+    Prompt {
+        points,
+        ..Prompt::default()
+    }
+}
+
+fn button_loop(
+    edges: Receiver<ButtonEdge>,
+    mut debouncer: Debouncer,
+    config: &ServiceConfig,
+    shared: &Shared,
+    jobs: &SyncSender<Job>,
+) {
+    while !shared.stopping() {
+        let edge = match edges.recv_timeout(POLL) {
+            Ok(edge) => edge,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let Some(press) = debouncer.feed(edge) else {
+            continue;
+        };
+        let received = Instant::now();
+        log::info!(
+            "button: {:?} press ({} ms)",
+            press.kind,
+            press.held.as_millis()
+        );
+        let job = match press.kind {
+            PressKind::Long => Job::Everything {
+                origin: PromptOrigin::ButtonLong,
+                received,
+                reply: None,
+            },
+            PressKind::Short => {
+                let Some(encoded) = shared.newest(Duration::ZERO) else {
+                    log::warn!("button press before the first frame was encoded: ignored");
+                    continue;
+                };
+                Job::Prompt {
+                    origin: PromptOrigin::Button,
+                    prompt: button_prompt(&config.prompts.button.points, &encoded.frame.image),
+                    multimask: config.prompts.multimask,
+                    received,
+                    reply: None,
+                }
+            }
+        };
+        submit(jobs, job, shared, press_name(&press));
+    }
+}
+
+fn press_name(press: &ButtonPress) -> &'static str {
+    match press.kind {
+        PressKind::Short => "button press",
+        PressKind::Long => "long button press",
+    }
+}
+
+/// Queues a job, refusing (and reporting) it when the queue is full; false if refused.
+pub fn submit(jobs: &SyncSender<Job>, job: Job, shared: &Shared, what: &str) -> bool {
+    match jobs.try_send(job) {
+        Ok(()) => true,
+        Err(TrySendError::Full(job)) => {
+            bump(&shared.stats.prompts_refused);
+            log::warn!("{what} refused: the prompt queue is full (raise [service] prompt_queue)");
+            if let Job::Prompt {
+                reply: Some(reply), ..
+            }
+            | Job::Everything {
+                reply: Some(reply), ..
+            } = job
+            {
+                let _ = reply.send(Err("busy: the prompt queue is full, try again".into()));
+            }
+            false
+        }
+        Err(TrySendError::Disconnected(_)) => false,
+    }
+}
+
+fn sink_loop(events: Receiver<MaskEvent>, mut sinks: Vec<Box<dyn Sink>>, shared: &Shared) {
+    let mut logs: Vec<RateLimitedLog> = sinks
+        .iter()
+        .map(|_| RateLimitedLog::new(Duration::from_secs(30)))
+        .collect();
+    for event in events {
+        for (sink, log) in sinks.iter_mut().zip(&mut logs) {
+            if let Err(e) = sink.emit(&event) {
+                bump(&shared.stats.sink_errors);
+                log.warn(|| e.to_string());
+            }
+        }
+    }
+    for sink in &mut sinks {
+        if let Err(e) = sink.flush() {
+            log::warn!("at shutdown: {e}");
+        }
+        if sink.dropped() > 0 {
+            log::warn!(
+                "sink {}: {} events dropped since start",
+                sink.name(),
+                sink.dropped()
+            );
+        }
+    }
+}
+
+/// Everything `samrt run` opened at start-up: each failure here is a clear start-up error.
+pub struct Service {
+    config: ServiceConfig,
+    predictor: SamPredictor,
+    detector: Option<Detector>,
+    source: Box<dyn FrameSource>,
+    sinks: Vec<Box<dyn Sink>>,
+    button: ButtonHandle,
+    button_edges: Receiver<ButtonEdge>,
+    control: Option<ControlServer>,
+    threads: usize,
+}
+
+impl Service {
+    /// Loads the models and opens the source, button, control socket and sinks.
+    pub fn open(config: ServiceConfig) -> Result<Service, String> {
+        let threads = if config.model.threads == 0 {
+            default_threads()
+        } else {
+            config.model.threads
+        };
+        crate::engine::set_compute_threads(threads);
+        let mut files = if config.model.dir.is_empty() {
+            ModelFiles::default_model()
+        } else {
+            ModelFiles::from_dir(config.model.dir.as_ref())
+        }
+        .map_err(|e| format!("[model] {e}"))?;
+        if !config.model.precision.is_empty() {
+            files = files
+                .with_precision(&config.model.precision)
+                .map_err(|e| format!("[model] {e}"))?;
+        }
+        let predictor = SamPredictor::load(&files).map_err(|e| format!("[model] {e}"))?;
+        log::info!(
+            "model {} loaded ({threads} threads)",
+            predictor.model_name()
+        );
+        let detector = if config.prompts.detector.enabled {
+            let dir = if config.prompts.detector.dir.is_empty() {
+                crate::model::default_detector_dir()
+                    .map_err(|e| format!("[prompts.detector] {e}"))?
+            } else {
+                config.prompts.detector.dir.clone().into()
+            };
+            Some(Detector::load(&dir).map_err(|e| format!("[prompts.detector] {e}"))?)
+        } else {
+            None
+        };
+        let source = open_source(&config.source).map_err(|e| format!("[source] {e}"))?;
+        log::info!("source: {}", source.describe());
+        let (edge_tx, button_edges) = mpsc::sync_channel(64);
+        let button = start_button(&config.prompts.button, edge_tx)
+            .map_err(|e| format!("[prompts.button] {e}"))?;
+        let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+        let s = &config.sinks;
+        if s.files.enabled {
+            sinks.push(Box::new(FilesSink::open(&s.files)?));
+        }
+        if !s.stream.unix.is_empty() || !s.stream.tcp.is_empty() {
+            sinks.push(Box::new(StreamSink::open(&s.stream)?));
+        }
+        if s.mqtt.enabled {
+            sinks.push(Box::new(MqttSink::start(&s.mqtt)));
+        }
+        if s.display.enabled {
+            sinks.push(Box::new(
+                DisplaySink::open(&s.display).map_err(|e| format!("[sinks.display] {e}"))?,
+            ));
+        }
+        if sinks.is_empty() && config.control.socket.is_empty() {
+            log::warn!("no sinks and no control socket are configured: masks go nowhere");
+        }
+        let control = if config.control.socket.is_empty() {
+            None
+        } else {
+            Some(ControlServer::bind(&config.control)?)
+        };
+        Ok(Service {
+            config,
+            predictor,
+            detector,
+            source,
+            sinks,
+            button,
+            button_edges,
+            control,
+            threads,
+        })
+    }
+
+    /// Runs until `shutdown` receives (SIGTERM/SIGINT) or the source finishes, then drains: frames
+    /// already taken are encoded, queued prompts are decoded, every event reaches every sink and
+    /// the sinks are flushed.
+    pub fn run(self, shutdown: Receiver<()>, notifier: &Notifier) -> Result<(), String> {
+        let Service {
+            config,
+            predictor,
+            detector,
+            source,
+            sinks,
+            button,
+            button_edges,
+            control,
+            threads,
+        } = self;
+        let shared = Shared::default();
+        let latest = LatestFrame::default();
+        let (job_tx, job_rx) = mpsc::sync_channel::<Job>(config.service.prompt_queue);
+        let (event_tx, event_rx) = mpsc::sync_channel::<MaskEvent>(config.service.sink_queue);
+        let per_frame_prompts = config.prompts.fixed.every_n_frames > 0 || detector.is_some();
+        let debouncer = Debouncer::new(
+            Duration::from_millis(config.prompts.button.debounce_ms),
+            Duration::from_millis(config.prompts.button.long_press_ms),
+        );
+        let software_button = button.software();
+        let initial_backoff = Duration::from_millis(config.service.reconnect_initial_ms.max(1));
+        let source_finished = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let capture = scope.spawn(|| {
+                capture_loop(source, &latest, &shared, initial_backoff);
+                source_finished.store(true, Ordering::Relaxed);
+            });
+            let (predictor_ref, latest_ref, shared_ref, config_ref) =
+                (&predictor, &latest, &shared, &config);
+            let encoder_jobs = job_tx.clone();
+            let encoder = scope.spawn(move || {
+                encode_loop(
+                    predictor_ref,
+                    latest_ref,
+                    shared_ref,
+                    &encoder_jobs,
+                    per_frame_prompts,
+                )
+            });
+            let button_jobs = job_tx.clone();
+            let button_thread = scope.spawn(move || {
+                button_loop(
+                    button_edges,
+                    debouncer,
+                    config_ref,
+                    shared_ref,
+                    &button_jobs,
+                )
+            });
+            let control_scope = control.as_ref().map(|server| {
+                let jobs = job_tx.clone();
+                let software_button = software_button.clone();
+                scope.spawn(move || server.serve(jobs, shared_ref, config_ref, software_button))
+            });
+            let decoder = scope.spawn(|| {
+                let mut decoder = Decoder {
+                    predictor: &predictor,
+                    detector: detector.as_ref(),
+                    config: &config,
+                    shared: &shared,
+                    events: event_tx,
+                    next_event_id: 0,
+                    threads,
+                };
+                for job in job_rx {
+                    decoder.run_job(job);
+                }
+            });
+            let sink_thread = scope.spawn(|| sink_loop(event_rx, sinks, &shared));
+
+            notifier.notify("READY=1");
+            notifier.notify("STATUS=running; waiting for the first frame");
+            log::info!("samrt is running");
+            let stats_every = (config.service.stats_interval_s > 0.0)
+                .then(|| Duration::from_secs_f64(config.service.stats_interval_s));
+            let watchdog_every = notifier.watchdog_timeout().map(|t| t / 2);
+            let tick = [
+                stats_every,
+                watchdog_every,
+                Some(Duration::from_millis(250)),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(POLL);
+            let mut last_stats = Instant::now();
+            let mut last_ping = Instant::now();
+            loop {
+                match shutdown.recv_timeout(tick) {
+                    Ok(()) | Err(RecvTimeoutError::Disconnected) => {
+                        log::info!("shutting down: draining prompts and flushing sinks");
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+                let pipeline_alive =
+                    !encoder.is_finished() && !decoder.is_finished() && !sink_thread.is_finished();
+                if source_finished.load(Ordering::Relaxed)
+                    && encoder.is_finished()
+                    && control_scope.is_none()
+                {
+                    log::info!("the source finished and there is no control socket: stopping");
+                    break;
+                }
+                if let Some(every) = watchdog_every {
+                    if pipeline_alive && last_ping.elapsed() >= every {
+                        notifier.notify("WATCHDOG=1");
+                        last_ping = Instant::now();
+                    }
+                }
+                if let Some(every) = stats_every {
+                    if last_stats.elapsed() >= every {
+                        let summary = shared.stats.summary();
+                        log::info!("stats: {summary}");
+                        notifier.notify(&format!("STATUS={summary}"));
+                        last_stats = Instant::now();
+                    }
+                }
+            }
+            notifier.notify("STOPPING=1");
+            shared.stop.store(true, Ordering::Relaxed);
+            // Producers first, so that the decoder's queue closes once they are done.
+            let _ = capture.join();
+            let _ = encoder.join();
+            drop(button);
+            let _ = button_thread.join();
+            if let Some(handle) = control_scope {
+                let _ = handle.join();
+            }
+            drop(job_tx);
+            // The decoder finishes every queued prompt, then closes the sinks' queue.
+            let _ = decoder.join();
+            let _ = sink_thread.join();
+            log::info!("final stats: {}", shared.stats.summary());
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(seq: u64) -> Frame {
+        Frame {
+            seq,
+            origin: String::new(),
+            image: Arc::new(RgbImage::new(2, 2)),
+        }
+    }
+
+    #[test]
+    fn latest_frame_wins_and_close_ends_the_stream() {
+        let latest = LatestFrame::default();
+        let stop = AtomicBool::new(false);
+        assert!(!latest.put(frame(1)));
+        assert!(latest.put(frame(2)), "frame 1 was never taken: replaced");
+        assert_eq!(latest.take(&stop).unwrap().seq, 2);
+        std::thread::scope(|scope| {
+            let taker = scope.spawn(|| latest.take(&stop).map(|f| f.seq));
+            std::thread::sleep(Duration::from_millis(30));
+            latest.put(frame(3));
+            assert_eq!(taker.join().unwrap(), Some(3));
+        });
+        latest.put(frame(4));
+        latest.close();
+        assert_eq!(
+            latest.take(&stop).unwrap().seq,
+            4,
+            "a frame taken before close is still encoded"
+        );
+        assert!(latest.take(&stop).is_none());
+    }
+
+    #[test]
+    fn button_prompt_defaults_to_the_centre() {
+        let image = RgbImage::new(640, 480);
+        let centre = button_prompt(&[], &image);
+        assert_eq!((centre.points[0].x, centre.points[0].y), (320.0, 240.0));
+        let fixed = button_prompt(&[[10.0, 20.0], [30.0, 40.0]], &image);
+        assert_eq!(fixed.points.len(), 2);
+        assert_eq!(fixed.points[1].y, 40.0);
+    }
+}

@@ -1,0 +1,224 @@
+//! The stream sink: every event as a JSON line to every subscriber of a Unix and/or TCP socket.
+//! Writes never block the pipeline: each subscriber has a bounded buffer, and one that falls
+//! behind past it is disconnected.
+
+use std::io::{ErrorKind, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::config::StreamSinkConfig;
+use super::sink::{MaskEvent, Sink, SinkError};
+
+const NAME: &str = "stream";
+const ACCEPT_POLL: Duration = Duration::from_millis(50);
+
+/// A connected subscriber: a Unix or TCP stream, non-blocking.
+trait Subscriber: Write + Send {}
+impl<T: Write + Send> Subscriber for T {}
+
+struct Client {
+    stream: Box<dyn Subscriber>,
+    peer: String,
+    pending: Vec<u8>,
+}
+
+impl Client {
+    /// Writes as much of the pending bytes as the socket takes now; false if the peer is gone.
+    fn pump(&mut self) -> bool {
+        while !self.pending.is_empty() {
+            match self.stream.write(&self.pending) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Serves subscribers on the configured sockets.
+pub struct StreamSink {
+    clients: Arc<Mutex<Vec<Client>>>,
+    stop: Arc<AtomicBool>,
+    acceptors: Vec<JoinHandle<()>>,
+    unix_path: Option<PathBuf>,
+    client_buffer_bytes: usize,
+    dropped: u64,
+}
+
+impl std::fmt::Debug for StreamSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamSink")
+            .field("unix_path", &self.unix_path)
+            .finish()
+    }
+}
+
+fn accept_loop<L, S>(
+    listener: L,
+    accept: impl Fn(&L) -> std::io::Result<(S, String)> + Send + 'static,
+    clients: Arc<Mutex<Vec<Client>>>,
+    stop: Arc<AtomicBool>,
+    max_clients: usize,
+) -> JoinHandle<()>
+where
+    L: Send + 'static,
+    S: Subscriber + 'static,
+{
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match accept(&listener) {
+                Ok((stream, peer)) => {
+                    let mut clients = clients.lock().unwrap_or_else(|e| e.into_inner());
+                    if clients.len() >= max_clients {
+                        log::warn!("stream sink: refusing subscriber {peer}: already {max_clients} (raise [sinks.stream] max_clients)");
+                        continue;
+                    }
+                    log::info!("stream sink: subscriber {peer} connected");
+                    clients.push(Client {
+                        stream: Box::new(stream),
+                        peer,
+                        pending: Vec::new(),
+                    });
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(ACCEPT_POLL),
+                Err(e) => {
+                    log::warn!("stream sink: accept failed: {e}");
+                    std::thread::sleep(ACCEPT_POLL);
+                }
+            }
+        }
+    })
+}
+
+impl StreamSink {
+    /// Binds the configured sockets (a stale Unix socket file is replaced).
+    pub fn open(config: &StreamSinkConfig) -> Result<Self, String> {
+        let clients = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut acceptors = Vec::new();
+        let mut unix_path = None;
+        if !config.unix.is_empty() {
+            let path = PathBuf::from(&config.unix);
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| {
+                format!("[sinks.stream] cannot listen on {}: {e} (is the directory there and writable? under systemd use RuntimeDirectory=samrt)", path.display())
+            })?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            let peer_name = path.display().to_string();
+            acceptors.push(accept_loop(
+                listener,
+                move |l: &UnixListener| {
+                    let (s, _) = l.accept()?;
+                    s.set_nonblocking(true)?;
+                    Ok((s, format!("unix:{peer_name}")))
+                },
+                clients.clone(),
+                stop.clone(),
+                config.max_clients,
+            ));
+            unix_path = Some(path);
+        }
+        if !config.tcp.is_empty() {
+            let listener = TcpListener::bind(&config.tcp)
+                .map_err(|e| format!("[sinks.stream] cannot listen on tcp {}: {e}", config.tcp))?;
+            listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+            acceptors.push(accept_loop(
+                listener,
+                |l: &TcpListener| {
+                    let (s, peer) = l.accept()?;
+                    s.set_nonblocking(true)?;
+                    s.set_nodelay(true)?;
+                    Ok((s, format!("tcp:{peer}")))
+                },
+                clients.clone(),
+                stop.clone(),
+                config.max_clients,
+            ));
+        }
+        Ok(StreamSink {
+            clients,
+            stop,
+            acceptors,
+            unix_path,
+            client_buffer_bytes: config.client_buffer_bytes,
+            dropped: 0,
+        })
+    }
+
+    /// Subscribers connected now.
+    pub fn subscribers(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+impl Sink for StreamSink {
+    fn name(&self) -> &str {
+        NAME
+    }
+
+    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError> {
+        let mut line = serde_json::to_vec(&event.to_json()).expect("JSON serializes");
+        line.push(b'\n');
+        let limit = self.client_buffer_bytes;
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lagging = 0;
+        clients.retain_mut(|client| {
+            if client.pending.len() + line.len() > limit {
+                log::warn!("stream sink: subscriber {} is {} bytes behind: disconnected (raise client_buffer_bytes or read faster)", client.peer, client.pending.len());
+                lagging += 1;
+                return false;
+            }
+            client.pending.extend_from_slice(&line);
+            let alive = client.pump();
+            if !alive {
+                log::info!("stream sink: subscriber {} disconnected", client.peer);
+            }
+            alive
+        });
+        self.dropped += lagging;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), SinkError> {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        while Instant::now() < deadline {
+            clients.retain_mut(|c| c.pump());
+            if clients.iter().all(|c| c.pending.is_empty()) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let behind = clients.iter().filter(|c| !c.pending.is_empty()).count();
+        Err(SinkError::new(
+            NAME,
+            format!("{behind} subscribers did not read their last events within 2 s"),
+        ))
+    }
+
+    fn dropped(&self) -> u64 {
+        self.dropped
+    }
+}
+
+impl Drop for StreamSink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for handle in self.acceptors.drain(..) {
+            let _ = handle.join();
+        }
+        if let Some(path) = &self.unix_path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}

@@ -1,0 +1,702 @@
+//! `samrt run` end to end, as a process: the example config with its paths moved into a temp dir,
+//! prompts over the control socket and the software button, masks checked in every sink (files,
+//! socket stream, MQTT through a real mosquitto, the in-memory display), SIGTERM losing nothing,
+//! systemd notifications; faults (corrupt frames, a source that vanishes and returns, a full disk,
+//! malformed requests, a broker that goes down and comes back); a soak of 1000+ frames with flat
+//! memory.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixDatagram, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{data_dir, predictor, rle_mask, wait_for, TempDir};
+use samrt::service::config::{key_paths, parse_config, schema_keys};
+use samrt::{MaskOutput, PointPrompt, Prompt};
+use serde_json::Value;
+
+fn example_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("boards/samrt.example.toml")
+}
+
+fn example() -> toml::Table {
+    let text = std::fs::read_to_string(example_path()).expect("example config");
+    text.parse().expect("example config is TOML")
+}
+
+#[test]
+fn example_config_documents_every_key() {
+    let text = std::fs::read_to_string(example_path()).unwrap();
+    let loaded = parse_config(&text, example_path().parent().unwrap())
+        .expect("example parses and validates");
+    assert!(
+        loaded.unknown_keys.is_empty(),
+        "unknown keys in the example: {:?}",
+        loaded.unknown_keys
+    );
+    let in_example = key_paths(&toml::Value::Table(example()));
+    let schema = schema_keys();
+    let undocumented: Vec<_> = schema.difference(&in_example).collect();
+    assert!(
+        undocumented.is_empty(),
+        "keys missing from the example: {undocumented:?}"
+    );
+    assert_eq!(in_example, schema);
+    // Every key line has a comment above it.
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with('[') {
+            continue;
+        }
+        assert!(
+            i > 0 && lines[i - 1].trim_start().starts_with('#'),
+            "key without a comment: {line}"
+        );
+    }
+}
+
+/// The example config with `edit` applied, written into `dir`.
+fn config_in(dir: &TempDir, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
+    let mut config = example();
+    set(
+        &mut config,
+        "source.files.path",
+        data_dir().join("images").display().to_string(),
+    );
+    set(
+        &mut config,
+        "control.socket",
+        dir.join("control.sock").display().to_string(),
+    );
+    set(
+        &mut config,
+        "sinks.files.dir",
+        dir.join("out").display().to_string(),
+    );
+    set(&mut config, "sinks.files.min_free_bytes", 0);
+    set(&mut config, "service.stats_interval_s", 1.0);
+    edit(&mut config);
+    let path = dir.join("samrt.toml");
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+fn set(config: &mut toml::Table, dotted: &str, value: impl Into<toml::Value>) {
+    let mut keys: Vec<&str> = dotted.split('.').collect();
+    let last = keys.pop().unwrap();
+    let mut table = config;
+    for key in keys {
+        table = table
+            .entry(key)
+            .or_insert_with(|| toml::Value::Table(Default::default()))
+            .as_table_mut()
+            .unwrap();
+    }
+    table.insert(last.to_string(), value.into());
+}
+
+/// `samrt run` as a child process, with systemd's notification socket played by the test.
+struct ServiceProcess {
+    child: Child,
+    control: PathBuf,
+    log: PathBuf,
+    notifications: Arc<Mutex<Vec<String>>>,
+}
+
+impl ServiceProcess {
+    fn start(dir: &TempDir, config: &Path) -> Self {
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let notifications = Arc::new(Mutex::new(Vec::new()));
+        let received = notifications.clone();
+        std::thread::spawn(move || {
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = notify.recv(&mut buf) {
+                received
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        });
+        let log = dir.join("service.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_samrt"))
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut service = ServiceProcess {
+            child,
+            control: dir.join("control.sock"),
+            log,
+            notifications,
+        };
+        let control = service.control.clone();
+        let log = service.log.clone();
+        let child = &mut service.child;
+        wait_for("the control socket", Duration::from_secs(60), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "samrt run exited {status}: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            UnixStream::connect(&control).ok()
+        });
+        service
+    }
+
+    fn connect(&self) -> Control {
+        let stream = UnixStream::connect(&self.control).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(180)))
+            .unwrap();
+        Control {
+            reader: BufReader::new(stream.try_clone().unwrap()),
+            writer: stream,
+        }
+    }
+
+    fn notified(&self, prefix: &str) -> bool {
+        self.notifications
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|n| n.starts_with(prefix))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn terminate(&mut self) -> ExitStatus {
+        common::send_signal(self.child.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "samrt run did not stop after SIGTERM:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Control {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Control {
+    fn request(&mut self, line: &str) -> Value {
+        writeln!(self.writer, "{line}").unwrap();
+        let mut answer = String::new();
+        self.reader.read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{answer:?}: {e}"))
+    }
+
+    fn stats(&mut self) -> Value {
+        self.request(r#"{"stats": true}"#)["stats"].clone()
+    }
+}
+
+/// Every JSON line of the files sink's JSONL files, in file order.
+fn jsonl_records(dir: &Path) -> Vec<Value> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default();
+    files.retain(|p| p.extension().is_some_and(|e| e == "jsonl"));
+    files.sort();
+    files
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    serde_json::from_str::<Value>(l)
+                        .unwrap_or_else(|e| panic!("{}: bad line {l:?}: {e}", f.display()))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// Reads JSON lines from the stream sink's Unix socket on a thread.
+fn subscribe(path: &Path) -> Arc<Mutex<Vec<Value>>> {
+    let stream = wait_for("the stream socket", Duration::from_secs(30), || {
+        UnixStream::connect(path).ok()
+    });
+    let lines = Arc::new(Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            sink.lock()
+                .unwrap()
+                .push(serde_json::from_str::<Value>(&line).unwrap());
+        }
+    });
+    lines
+}
+
+fn ids(events: &[Value]) -> Vec<u64> {
+    events.iter().map(|e| e["id"].as_u64().unwrap()).collect()
+}
+
+#[test]
+fn end_to_end_every_sink_and_sigterm_loses_nothing() {
+    let dir = TempDir::new("e2e");
+    let mosquitto = common::mosquitto_binary("end_to_end");
+    let broker = mosquitto
+        .as_ref()
+        .map(|bin| common::Broker::start(bin, &dir.join("broker"), common::free_port()));
+    let mqtt = broker
+        .as_ref()
+        .map(|b| common::Subscriber::start(b.port, "samrt/#", "samrt-e2e"));
+    let config = config_in(&dir, |c| {
+        set(c, "prompts.button.backend", "software");
+        set(
+            c,
+            "sinks.stream.unix",
+            dir.join("stream.sock").display().to_string(),
+        );
+        set(c, "sinks.display.enabled", true);
+        set(c, "sinks.display.device", "memory");
+        if let Some(b) = &broker {
+            set(c, "sinks.mqtt.enabled", true);
+            set(c, "sinks.mqtt.port", b.port as i64);
+        }
+    });
+    let mut service = ServiceProcess::start(&dir, &config);
+    let stream = subscribe(&dir.join("stream.sock"));
+    let mut control = service.connect();
+    wait_for("READY=1", Duration::from_secs(10), || {
+        service.notified("READY=1").then_some(())
+    });
+
+    // Prompts over the control socket: a point, two points and a box, a multimask point.
+    let requests = [
+        r#"{"id": "p1", "points": [[100, 120]]}"#,
+        r#"{"id": "p2", "points": [[60, 60], [150, 100, 0]]}"#,
+        r#"{"id": "b1", "box": [20, 30, 200, 180]}"#,
+        r#"{"id": "m1", "points": [[90, 90]], "multimask": true}"#,
+    ];
+    let mut answers = Vec::new();
+    for request in requests {
+        let answer = control.request(request);
+        assert!(answer.get("error").is_none(), "{request}: {answer}");
+        let expected_masks = if request.contains("multimask") { 3 } else { 1 };
+        assert_eq!(
+            answer["masks"].as_array().unwrap().len(),
+            expected_masks,
+            "{answer}"
+        );
+        for m in answer["masks"].as_array().unwrap() {
+            let mask = rle_mask(&m["segmentation"]);
+            assert_eq!(mask.area(), m["area"].as_u64().unwrap());
+            assert_eq!(
+                [mask.width as u64, mask.height as u64],
+                [
+                    answer["width"].as_u64().unwrap(),
+                    answer["height"].as_u64().unwrap()
+                ]
+            );
+        }
+        answers.push(answer);
+    }
+    // The first answer is what the library computes for that frame and prompt, bit for bit.
+    let first = &answers[0];
+    let image =
+        samrt::image_io::load_rgb(Path::new(first["frame_origin"].as_str().unwrap())).unwrap();
+    let embedding = predictor().embed(&image).unwrap();
+    let expected = predictor()
+        .predict(
+            &embedding,
+            &Prompt {
+                points: vec![PointPrompt {
+                    x: 100.0,
+                    y: 120.0,
+                    label: samrt::PointLabel::Foreground,
+                }],
+                ..Prompt::default()
+            },
+            MaskOutput::Single,
+        )
+        .unwrap();
+    assert_eq!(
+        first["masks"][0]["segmentation"],
+        serde_json::to_value(samrt::CocoRle::encode(&expected.masks[0].mask)).unwrap()
+    );
+    assert_eq!(first["request_id"], "p1");
+
+    // The software button: a short press prompts at the frame centre.
+    assert_eq!(
+        control.request(r#"{"id": "k", "button": "short"}"#)["ok"],
+        true
+    );
+    wait_for("the button's event", Duration::from_secs(60), || {
+        stream
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e["source"] == "button")
+            .then_some(())
+    });
+    let stats = control.stats();
+    let produced = stats["events"].as_u64().unwrap();
+    assert_eq!(produced, 5, "{stats}");
+    assert!(stats["frames_encoded"].as_u64().unwrap() >= 1);
+    assert!(stats["prompt_ms_p50"].as_f64().unwrap() > 0.0);
+    wait_for(
+        "watchdog pings and a status line",
+        Duration::from_secs(10),
+        || (service.notified("WATCHDOG=1") && service.notified("STATUS=frames")).then_some(()),
+    );
+
+    // SIGTERM: exit 0, and every event produced is in every sink.
+    let status = service.terminate();
+    assert!(status.success(), "exit {status}:\n{}", service.log());
+    assert!(service.notified("STOPPING=1"));
+    let files = jsonl_records(&dir.join("out"));
+    assert_eq!(ids(&files), (0..produced).collect::<Vec<_>>());
+    for (record, answer) in files.iter().zip(&answers) {
+        assert_eq!(record, answer);
+    }
+    let pngs = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "png")
+        })
+        .count();
+    assert_eq!(pngs, 1 + 1 + 1 + 3 + 1);
+    assert_eq!(
+        ids(&stream.lock().unwrap()),
+        (0..produced).collect::<Vec<_>>()
+    );
+    if let Some(mqtt) = &mqtt {
+        let messages = wait_for("every MQTT message", Duration::from_secs(10), || {
+            let lines = mqtt.received();
+            (lines.len() as u64 >= produced).then_some(lines)
+        });
+        let mut got: Vec<(String, Value)> = messages
+            .iter()
+            .map(|l| {
+                let (topic, payload) = l.split_once(' ').unwrap();
+                (topic.to_string(), serde_json::from_str(payload).unwrap())
+            })
+            .collect();
+        got.sort_by_key(|(_, v)| v["id"].as_u64());
+        assert_eq!(got.len() as u64, produced);
+        for ((topic, payload), record) in got.iter().zip(&files) {
+            assert_eq!(payload, record);
+            assert_eq!(
+                topic,
+                &format!("samrt/masks/{}", record["source"].as_str().unwrap())
+            );
+        }
+    }
+    let log = service.log();
+    assert!(log.contains("stats: frames"), "{log}");
+}
+
+fn copy(from: &Path, to: &Path) {
+    std::fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("{} → {}: {e}", from.display(), to.display()));
+}
+
+#[test]
+fn faults_are_reported_and_the_service_keeps_running() {
+    let dir = TempDir::new("faults");
+    let frames = dir.join("frames");
+    std::fs::create_dir_all(&frames).unwrap();
+    copy(
+        &data_dir().join("images/grace_hopper.jpg"),
+        &frames.join("a.jpg"),
+    );
+    let jpeg = std::fs::read(data_dir().join("images/rocket.jpg")).unwrap();
+    std::fs::write(frames.join("b.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
+    std::fs::write(frames.join("c.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
+    let mosquitto = common::mosquitto_binary("faults");
+    let mut broker = mosquitto
+        .as_ref()
+        .map(|bin| common::Broker::start(bin, &dir.join("broker"), common::free_port()));
+    // A durable subscriber: the broker keeps its messages across the broker's restart.
+    let mut mqtt = broker
+        .as_ref()
+        .map(|b| common::Subscriber::start(b.port, "samrt/#", "samrt-faults"));
+    // A small file system for the files sink, when CI provides one (a 2 MB tmpfs).
+    let small_fs = std::env::var_os("SAMRT_TEST_SMALL_FS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
+    if let Some(fs) = &small_fs {
+        // The test fills this file system: never a real disk.
+        let free =
+            samrt::service::files_sink::free_bytes(fs).expect("SAMRT_TEST_SMALL_FS is a directory");
+        assert!(
+            free < 64 << 20,
+            "SAMRT_TEST_SMALL_FS={} has {} MB free: give a small file system (e.g. a 2 MB tmpfs)",
+            fs.display(),
+            free >> 20
+        );
+    }
+    if small_fs.is_none() {
+        assert!(
+            std::env::var("SAMRT_REQUIRE_SERVERS").as_deref() != Ok("1"),
+            "SAMRT_TEST_SMALL_FS is not set: .ci/run mounts a small tmpfs for the disk-full test"
+        );
+        eprintln!("faults: the disk-full part is skipped: set SAMRT_TEST_SMALL_FS to a directory on a small file system (.ci/run does)");
+    }
+    let out = match &small_fs {
+        Some(fs) => fs.join(format!("faults-{}", std::process::id())),
+        None => dir.join("out"),
+    };
+    let config = config_in(&dir, |c| {
+        set(c, "source.files.path", frames.display().to_string());
+        set(c, "source.files.fps", 4.0);
+        set(c, "service.reconnect_initial_ms", 100);
+        set(c, "sinks.files.dir", out.display().to_string());
+        set(c, "sinks.files.png", false);
+        set(
+            c,
+            "sinks.stream.unix",
+            dir.join("stream.sock").display().to_string(),
+        );
+        if let Some(b) = &broker {
+            set(c, "sinks.mqtt.enabled", true);
+            set(c, "sinks.mqtt.port", b.port as i64);
+        }
+    });
+    let mut service = ServiceProcess::start(&dir, &config);
+    let stream = subscribe(&dir.join("stream.sock"));
+    let mut control = service.connect();
+
+    // Corrupt frames are counted and skipped.
+    wait_for("corrupt frames counted", Duration::from_secs(30), || {
+        (control.stats()["frames_corrupt"].as_u64().unwrap() >= 2).then_some(())
+    });
+    // Malformed requests are answered with the reason; the connection goes on.
+    for (line, reason) in [
+        ("this is not json", "not JSON"),
+        (
+            r#"{"points": [[10, 10]], "colour": 1}"#,
+            "unknown field `colour`",
+        ),
+        (r#"{"points": [[99999, 10]]}"#, "outside"),
+        (r#"{"box": [50, 50, 10, 10]}"#, "box"),
+    ] {
+        let answer = control.request(line);
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{line}: {answer}"));
+        assert!(error.contains(reason), "{line}: {error}");
+    }
+    let long_line = format!("{{\"id\": \"{}\"}}", "x".repeat(100_000));
+    assert!(control.request(&long_line)["error"]
+        .as_str()
+        .unwrap()
+        .contains("longer than"));
+    let good = control.request(r#"{"id": "ok1", "points": [[200, 200]]}"#);
+    assert!(good.get("error").is_none(), "{good}");
+
+    // The source vanishes: reported, and prompts still work on the last embedding.
+    let moved = dir.join("frames-away");
+    std::fs::rename(&frames, &moved).unwrap();
+    wait_for("the source error", Duration::from_secs(30), || {
+        (control.stats()["source_errors"].as_u64().unwrap() >= 1).then_some(())
+    });
+    let during = control.request(r#"{"id": "ok2", "points": [[150, 150]]}"#);
+    assert!(during.get("error").is_none(), "{during}");
+    // The broker goes down while the source is away.
+    if let Some(b) = broker.as_mut() {
+        mqtt = None;
+        b.stop();
+    }
+    let while_broker_down = control.request(r#"{"id": "ok3", "points": [[120, 250]]}"#);
+    assert!(while_broker_down.get("error").is_none());
+    // Both come back.
+    std::fs::rename(&moved, &frames).unwrap();
+    let captured = control.stats()["frames_captured"].as_u64().unwrap();
+    wait_for(
+        "frames after the source is back",
+        Duration::from_secs(30),
+        || {
+            let s = control.stats();
+            (s["reconnects"].as_u64().unwrap() >= 1
+                && s["frames_captured"].as_u64().unwrap() > captured)
+                .then_some(())
+        },
+    );
+    if let Some(b) = broker.as_mut() {
+        b.restart();
+        mqtt = Some(common::Subscriber::start(b.port, "samrt/#", "samrt-faults"));
+    }
+
+    // The disk fills up: the files sink reports it, the other sinks carry on.
+    if let Some(fs) = &small_fs {
+        let filler = fs.join(format!("filler-{}", std::process::id()));
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        drop(f);
+        let sink_errors = control.stats()["sink_errors"].as_u64().unwrap();
+        let lost = control.request(r#"{"id": "full", "points": [[220, 220]]}"#);
+        assert!(lost.get("error").is_none(), "{lost}");
+        wait_for("the sink error", Duration::from_secs(10), || {
+            (control.stats()["sink_errors"].as_u64().unwrap() > sink_errors).then_some(())
+        });
+        std::fs::remove_file(&filler).unwrap();
+        let after = control.request(r#"{"id": "after", "points": [[230, 230]]}"#);
+        assert!(after.get("error").is_none());
+        let records = wait_for(
+            "the event after space was freed",
+            Duration::from_secs(10),
+            || {
+                let records = jsonl_records(&out);
+                records
+                    .iter()
+                    .any(|r| r["request_id"] == "after")
+                    .then_some(records)
+            },
+        );
+        assert!(records.iter().all(|r| r["request_id"] != "full"));
+        assert!(
+            service.log().contains("sink files: disk full"),
+            "{}",
+            service.log()
+        );
+    }
+    let stats = control.stats();
+    let produced = stats["events"].as_u64().unwrap();
+    let status = service.terminate();
+    assert!(status.success(), "exit {status}:\n{}", service.log());
+    assert_eq!(
+        ids(&stream.lock().unwrap()),
+        (0..produced).collect::<Vec<_>>(),
+        "the stream got every event"
+    );
+    if let Some(mqtt) = &mqtt {
+        let got = wait_for(
+            "every MQTT message, including those sent while the broker was down",
+            Duration::from_secs(20),
+            || {
+                let lines = mqtt.received();
+                (lines.len() as u64 >= produced - 2).then_some(lines)
+            },
+        );
+        let got_ids: Vec<String> = got
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l.split_once(' ')?.1).ok())
+            .filter_map(|v| v["request_id"].as_str().map(str::to_string))
+            .collect();
+        assert!(
+            got_ids.contains(&"ok3".to_string()),
+            "the event from while the broker was down: {got_ids:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&out);
+    let log = service.log();
+    for expected in ["skipping a frame", "source", "bad request"] {
+        assert!(log.contains(expected), "log lacks {expected:?}:\n{log}");
+    }
+}
+
+#[test]
+fn soak_thousand_frames_with_flat_memory() {
+    let dir = TempDir::new("soak");
+    let config = config_in(&dir, |c| {
+        set(c, "source.kind", "synthetic");
+        set(c, "source.synthetic.width", 320);
+        set(c, "source.synthetic.height", 240);
+        set(c, "source.synthetic.fps", 80.0);
+        set(
+            c,
+            "prompts.fixed.points",
+            toml::Value::try_from(vec![[160.0, 120.0]]).unwrap(),
+        );
+        set(c, "prompts.fixed.every_n_frames", 1);
+        set(c, "sinks.files.png", false);
+        set(c, "sinks.files.max_file_bytes", 200_000);
+        set(c, "sinks.files.max_total_bytes", 600_000);
+        set(
+            c,
+            "sinks.stream.unix",
+            dir.join("stream.sock").display().to_string(),
+        );
+    });
+    let mut service = ServiceProcess::start(&dir, &config);
+    let stream = subscribe(&dir.join("stream.sock"));
+    let mut control = service.connect();
+    // Warm up: a few frames encoded and prompted, then the baseline.
+    wait_for("warm-up", Duration::from_secs(120), || {
+        (control.stats()["events"].as_u64().unwrap() >= 2).then_some(())
+    });
+    let baseline = control.stats();
+    let mut rss = Vec::new();
+    let stats = wait_for("1000 more frames", Duration::from_secs(300), || {
+        std::thread::sleep(Duration::from_millis(300));
+        let s = control.stats();
+        rss.push(s["rss_bytes"].as_u64().unwrap());
+        // A control prompt now and then, as a client would send.
+        let answer = control.request(r#"{"points": [[100, 100]]}"#);
+        assert!(answer.get("error").is_none(), "{answer}");
+        (s["frames_captured"].as_u64().unwrap()
+            >= baseline["frames_captured"].as_u64().unwrap() + 1000)
+            .then_some(s)
+    });
+    // RSS swings by the encoder's working set (~80 MB) within each frame; a leak raises the
+    // floor between encodes. Compare the floors of the first and last thirds of the run.
+    let third = rss.len() / 3;
+    assert!(third >= 3, "too few samples: {rss:?}");
+    let floor = |part: &[u64]| *part.iter().min().unwrap() as f64 / (1 << 20) as f64;
+    let (first, last) = (floor(&rss[..third]), floor(&rss[rss.len() - third..]));
+    let peak = *rss.iter().max().unwrap() >> 20;
+    eprintln!(
+        "soak: {} samples; RSS floor {first:.0} MB → {last:.0} MB, peak {peak} MB; {stats}",
+        rss.len()
+    );
+    assert!(
+        last - first < 16.0,
+        "memory grew from {first:.0} MB to {last:.0} MB over 1000 frames: {rss:?}"
+    );
+    assert!(peak < 1024, "peak RSS {peak} MB");
+    // Latest frame wins: most frames are skipped, none queue up.
+    assert!(stats["frames_skipped"].as_u64().unwrap() > 500, "{stats}");
+    let status = service.terminate();
+    assert!(status.success(), "{}", service.log());
+    let events = stream.lock().unwrap().len() as u64;
+    assert_eq!(
+        ids(&stream.lock().unwrap()),
+        (0..events).collect::<Vec<_>>()
+    );
+    // Retention kept the directory under its cap.
+    let total: u64 = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(total <= 600_000 + 200_000, "files sink holds {total} bytes");
+}
