@@ -700,3 +700,236 @@ fn soak_thousand_frames_with_flat_memory() {
         .sum();
     assert!(total <= 600_000 + 200_000, "files sink holds {total} bytes");
 }
+
+#[test]
+fn detector_fixed_points_and_long_press_prompt_every_frame() {
+    let dir = TempDir::new("prompts");
+    let config = config_in(&dir, |c| {
+        set(
+            c,
+            "source.files.path",
+            data_dir()
+                .join("images/grace_hopper.jpg")
+                .display()
+                .to_string(),
+        );
+        set(c, "source.files.fps", 1.0);
+        set(
+            c,
+            "prompts.fixed.points",
+            toml::Value::try_from(vec![[264.0, 240.0]]).unwrap(),
+        );
+        set(c, "prompts.fixed.every_n_frames", 1);
+        set(c, "prompts.detector.enabled", true);
+        set(
+            c,
+            "prompts.detector.classes",
+            toml::Value::try_from(vec!["person"]).unwrap(),
+        );
+        set(c, "prompts.button.backend", "software");
+        set(c, "prompts.everything.points_per_side", 4);
+        set(
+            c,
+            "sinks.stream.unix",
+            dir.join("stream.sock").display().to_string(),
+        );
+    });
+    let mut service = ServiceProcess::start(&dir, &config);
+    let stream = subscribe(&dir.join("stream.sock"));
+    let mut control = service.connect();
+    let by_source = |source: &str| -> Vec<Value> {
+        stream
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e["source"] == source)
+            .cloned()
+            .collect()
+    };
+    wait_for(
+        "detector and fixed-point events",
+        Duration::from_secs(120),
+        || (!by_source("detector").is_empty() && !by_source("fixed").is_empty()).then_some(()),
+    );
+    // The detector's person box, segmented: the mask lies inside the box and covers much of it.
+    let person = &by_source("detector")[0];
+    assert_eq!(person["label"], "person");
+    let b = person["prompt"]["box"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect::<Vec<_>>();
+    let bbox = person["masks"][0]["bbox"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect::<Vec<_>>();
+    let (x0, y0, x1, y1) = (
+        bbox[0].max(b[0]),
+        bbox[1].max(b[1]),
+        (bbox[0] + bbox[2]).min(b[2]),
+        (bbox[1] + bbox[3]).min(b[3]),
+    );
+    let overlap = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);
+    let union = bbox[2] * bbox[3] + (b[2] - b[0]) * (b[3] - b[1]) - overlap;
+    assert!(
+        overlap / union > 0.8,
+        "mask box {bbox:?} vs detector box {b:?}"
+    );
+    assert!(person["masks"][0]["area"].as_f64().unwrap() > 0.3 * (b[2] - b[0]) * (b[3] - b[1]));
+    // The fixed point is the README's example prompt.
+    assert_eq!(
+        by_source("fixed")[0]["prompt"]["points"],
+        serde_json::json!([[264.0, 240.0, 1.0]])
+    );
+
+    // A long press segments everything.
+    assert_eq!(control.request(r#"{"button": "long"}"#)["ok"], true);
+    let everything = wait_for("the long press's masks", Duration::from_secs(180), || {
+        by_source("button_long").pop()
+    });
+    assert!(
+        everything["masks"].as_array().unwrap().len() >= 2,
+        "{everything}"
+    );
+    assert!(everything.get("prompt").is_none());
+    let status = service.terminate();
+    assert!(status.success(), "{}", service.log());
+}
+
+/// `samrt run` with `edit` applied to a working config: exits 1 with stderr containing `expected`.
+fn start_up_error(name: &str, edit: impl FnOnce(&mut toml::Table, &TempDir), expected: &str) {
+    let dir = TempDir::new(name);
+    let config = config_in(&dir, |c| edit(c, &dir));
+    let output = Command::new(env!("CARGO_BIN_EXE_samrt"))
+        .args(["run", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{name}: {stderr}");
+    assert!(
+        stderr.contains(expected),
+        "{name}: expected {expected:?} in:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn start_up_errors_name_the_problem_and_the_fix() {
+    start_up_error(
+        "model",
+        |c, d| set(c, "model.dir", d.join("no-model").display().to_string()),
+        "[model]",
+    );
+    start_up_error(
+        "source",
+        |c, d| {
+            set(
+                c,
+                "source.files.path",
+                d.join("nothing").display().to_string(),
+            )
+        },
+        "check [source.files] path",
+    );
+    start_up_error(
+        "gpio",
+        |c, _| {
+            set(
+                c,
+                "prompts.button.backend",
+                if cfg!(feature = "rppal") {
+                    "cdev"
+                } else {
+                    "rppal"
+                },
+            )
+        },
+        "feature",
+    );
+    start_up_error(
+        "socket",
+        |c, d| {
+            set(
+                c,
+                "control.socket",
+                d.join("missing-dir/control.sock").display().to_string(),
+            )
+        },
+        "RuntimeDirectory=samrt",
+    );
+    start_up_error(
+        "value",
+        |c, _| {
+            set(c, "sinks.mqtt.enabled", true);
+            set(c, "sinks.mqtt.qos", 2);
+        },
+        "qos",
+    );
+    start_up_error("toml", |c, _| set(c, "source.kind", "webcam"), "webcam");
+    if !cfg!(feature = "v4l2") {
+        start_up_error(
+            "camera",
+            |c, _| set(c, "source.kind", "v4l2"),
+            "--features v4l2",
+        );
+    }
+    // A good config passes the check, warning about unknown keys.
+    let dir = TempDir::new("check");
+    let config = config_in(&dir, |c| set(c, "sinks.files.colour", "blue"));
+    let output = Command::new(env!("CARGO_BIN_EXE_samrt"))
+        .args(["run", "--check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("unknown key `sinks.files.colour` ignored"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn systemd_unit_is_hardened_and_matches_the_service() {
+    let unit =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("boards/samrt.service"))
+            .unwrap();
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    let one = |key: &str| -> String {
+        let v = values(key);
+        assert_eq!(v.len(), 1, "{key}: {v:?}");
+        v[0].clone()
+    };
+    assert_eq!(one("Type"), "notify", "samrt sends READY=1");
+    assert_eq!(
+        one("ExecStart"),
+        "/usr/bin/samrt run --config /etc/samrt/samrt.toml"
+    );
+    assert_eq!(one("Restart"), "on-failure");
+    assert_eq!(one("DynamicUser"), "yes");
+    let groups = one("SupplementaryGroups");
+    assert!(
+        groups.split(' ').any(|g| g == "video") && groups.split(' ').any(|g| g == "gpio"),
+        "{groups}"
+    );
+    assert_eq!(one("ProtectSystem"), "strict");
+    assert!(one("WatchdogSec").parse::<u64>().unwrap() >= 10);
+    // The sockets and files of the board configs live where the unit lets samrt write.
+    assert_eq!(one("StateDirectory"), "samrt");
+    assert_eq!(one("RuntimeDirectory"), "samrt");
+    for key in ["NoNewPrivileges", "ProtectHome", "PrivateTmp"] {
+        assert_eq!(one(key), "yes", "{key}");
+    }
+    assert!(values("DeviceAllow")
+        .iter()
+        .any(|d| d.starts_with("char-video4linux")));
+}
