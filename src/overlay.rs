@@ -6,7 +6,7 @@ use std::convert::Infallible;
 
 use embedded_graphics::pixelcolor::Rgb888;
 use embedded_graphics::prelude::{DrawTarget, OriginDimensions, Pixel, Point, Primitive, RgbColor};
-use embedded_graphics::primitives::{Circle, PrimitiveStyleBuilder, Rectangle};
+use embedded_graphics::primitives::{Circle, PrimitiveStyle, PrimitiveStyleBuilder, Rectangle};
 use embedded_graphics::Drawable;
 use image::RgbImage;
 
@@ -96,6 +96,20 @@ fn outline(mask: &Mask) -> impl Iterator<Item = (usize, usize)> + '_ {
         })
 }
 
+/// The marker of a prompt point: filled by its label (green foreground, red background), outlined
+/// in white.
+pub fn point_marker_style(label: PointLabel, stroke: u32) -> PrimitiveStyle<Rgb888> {
+    let fill = match label {
+        PointLabel::Foreground => FOREGROUND_COLOR,
+        PointLabel::Background => BACKGROUND_COLOR,
+    };
+    PrimitiveStyleBuilder::new()
+        .fill_color(fill)
+        .stroke_color(Rgb888::WHITE)
+        .stroke_width(stroke)
+        .build()
+}
+
 /// Draws the masks (tinted, outlined) and the prompts over a copy of the photo.
 pub fn draw_overlay(photo: &RgbImage, masks: &[&Mask], prompts: &[&Prompt]) -> RgbImage {
     let mut image = photo.clone();
@@ -133,15 +147,7 @@ pub fn draw_overlay(photo: &RgbImage, masks: &[&Mask], prompts: &[&Prompt]) -> R
                 .draw(&mut canvas);
         }
         for p in &prompt.points {
-            let fill = match p.label {
-                PointLabel::Foreground => FOREGROUND_COLOR,
-                PointLabel::Background => BACKGROUND_COLOR,
-            };
-            let style = PrimitiveStyleBuilder::new()
-                .fill_color(fill)
-                .stroke_color(Rgb888::WHITE)
-                .stroke_width(stroke)
-                .build();
+            let style = point_marker_style(p.label, stroke);
             let center = Point::new(p.x.round() as i32, p.y.round() as i32);
             let Ok(()) = Circle::with_center(center, 2 * radius + 1)
                 .into_styled(style)

@@ -29,9 +29,8 @@ use embedded_graphics::Drawable;
 use serde::{Deserialize, Serialize};
 
 use super::sink::{MaskEvent, PromptOrigin, Sink, SinkError};
-use crate::overlay::{BACKGROUND_COLOR, FOREGROUND_COLOR, MASK_COLORS, MASK_OPACITY};
+use crate::overlay::{point_marker_style, FOREGROUND_COLOR, MASK_COLORS, MASK_OPACITY};
 use crate::postprocess::Mask;
-use crate::prompt::PointLabel;
 
 /// The value of [`DisplayConfig::device`] that draws into memory and presents nothing.
 pub const MEMORY_DEVICE: &str = "memory";
@@ -543,15 +542,7 @@ fn draw_prompts(fb: &mut Framebuffer, view: &Viewport, event: &MaskEvent) {
                 .draw(fb);
     }
     for p in &prompt.points {
-        let fill = match p.label {
-            PointLabel::Foreground => FOREGROUND_COLOR,
-            PointLabel::Background => BACKGROUND_COLOR,
-        };
-        let style = PrimitiveStyleBuilder::new()
-            .fill_color(fill)
-            .stroke_color(Rgb888::WHITE)
-            .stroke_width(stroke)
-            .build();
+        let style = point_marker_style(p.label, stroke);
         let Ok(()) = Circle::with_center(view.to_display(p.x, p.y), 2 * radius + 1)
             .into_styled(style)
             .draw(fb);
