@@ -248,6 +248,11 @@ fn subscribe(path: &Path) -> Arc<Mutex<Vec<Value>>> {
     let stream = wait_for("the stream socket", Duration::from_secs(30), || {
         UnixStream::connect(path).ok()
     });
+    read_lines(stream)
+}
+
+/// Collects the JSON lines a stream sink subscriber receives, on a thread.
+fn read_lines(stream: impl std::io::Read + Send + 'static) -> Arc<Mutex<Vec<Value>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
     std::thread::spawn(move || {
@@ -274,6 +279,7 @@ fn end_to_end_every_sink_and_sigterm_loses_nothing() {
     let mqtt = broker
         .as_ref()
         .map(|b| common::Subscriber::start(b.port, "samrt/#", "samrt-e2e"));
+    let tcp_port = common::free_port();
     let config = config_in(&dir, |c| {
         set(c, "prompts.button.backend", "software");
         set(
@@ -281,6 +287,7 @@ fn end_to_end_every_sink_and_sigterm_loses_nothing() {
             "sinks.stream.unix",
             dir.join("stream.sock").display().to_string(),
         );
+        set(c, "sinks.stream.tcp", format!("127.0.0.1:{tcp_port}"));
         set(c, "sinks.display.enabled", true);
         set(c, "sinks.display.device", "memory");
         if let Some(b) = &broker {
@@ -290,6 +297,7 @@ fn end_to_end_every_sink_and_sigterm_loses_nothing() {
     });
     let mut service = ServiceProcess::start(&dir, &config);
     let stream = subscribe(&dir.join("stream.sock"));
+    let tcp_stream = read_lines(std::net::TcpStream::connect(("127.0.0.1", tcp_port)).unwrap());
     let mut control = service.connect();
     wait_for("READY=1", Duration::from_secs(10), || {
         service.notified("READY=1").then_some(())
@@ -397,6 +405,11 @@ fn end_to_end_every_sink_and_sigterm_loses_nothing() {
     assert_eq!(
         ids(&stream.lock().unwrap()),
         (0..produced).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        *tcp_stream.lock().unwrap(),
+        *stream.lock().unwrap(),
+        "TCP and Unix subscribers get the same events"
     );
     if let Some(mqtt) = &mqtt {
         let messages = wait_for("every MQTT message", Duration::from_secs(10), || {
