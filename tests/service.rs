@@ -946,3 +946,45 @@ fn systemd_unit_is_hardened_and_matches_the_service() {
         .iter()
         .any(|d| d.starts_with("char-video4linux")));
 }
+
+#[test]
+fn board_configs_follow_the_schema() {
+    let boards = Path::new(env!("CARGO_MANIFEST_DIR")).join("boards");
+    for board in ["rpi4", "rpi5", "jetson-orin-nano"] {
+        let path = boards.join(board).join("config.toml");
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let loaded =
+            parse_config(&text, Path::new("/etc/samrt")).unwrap_or_else(|e| panic!("{board}: {e}"));
+        assert!(
+            loaded.unknown_keys.is_empty(),
+            "{board}: {:?}",
+            loaded.unknown_keys
+        );
+        let table: toml::Table = text.parse().unwrap();
+        assert_eq!(
+            key_paths(&toml::Value::Table(table)),
+            schema_keys(),
+            "{board}: every key, as in the example"
+        );
+        let config = loaded.config;
+        assert_eq!(
+            config.source.kind,
+            samrt::service::config::SourceKind::V4l2,
+            "{board}"
+        );
+        assert_eq!(
+            config.control.socket, "/run/samrt/control.sock",
+            "{board}: in the unit's RuntimeDirectory"
+        );
+        assert!(
+            config.sinks.files.dir.starts_with("/var/lib/samrt"),
+            "{board}: in the unit's StateDirectory"
+        );
+        let unit = boards.join(board).join("samrt.service");
+        assert_eq!(
+            std::fs::read_to_string(unit).unwrap(),
+            std::fs::read_to_string(boards.join("samrt.service")).unwrap()
+        );
+    }
+}
