@@ -988,3 +988,38 @@ fn board_configs_follow_the_schema() {
         );
     }
 }
+
+#[test]
+fn a_finished_source_without_control_socket_ends_the_service() {
+    let dir = TempDir::new("finished");
+    let config = config_in(&dir, |c| {
+        set(
+            c,
+            "source.files.path",
+            data_dir()
+                .join("images/grace_hopper.jpg")
+                .display()
+                .to_string(),
+        );
+        set(c, "source.files.loop", false);
+        set(c, "control.socket", "");
+        set(
+            c,
+            "prompts.fixed.points",
+            toml::Value::try_from(vec![[264.0, 240.0]]).unwrap(),
+        );
+        set(c, "prompts.fixed.every_n_frames", 1);
+    });
+    let output = Command::new(env!("CARGO_BIN_EXE_samrt"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("the source finished"), "{stderr}");
+    // The one frame was encoded and prompted before the exit, and the event was written.
+    let records = jsonl_records(&dir.join("out"));
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(records[0]["source"], "fixed");
+}

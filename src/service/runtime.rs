@@ -828,8 +828,12 @@ impl Service {
                     }
                     Err(RecvTimeoutError::Timeout) => {}
                 }
+                // The watchdog stops when a thread died (a panic): systemd then restarts samrt.
+                // An encoder that ended with a finished source is not a failure.
+                let encoder_alive =
+                    !encoder.is_finished() || source_finished.load(Ordering::Relaxed);
                 let pipeline_alive =
-                    !encoder.is_finished() && !decoder.is_finished() && !sink_thread.is_finished();
+                    encoder_alive && !decoder.is_finished() && !sink_thread.is_finished();
                 if source_finished.load(Ordering::Relaxed)
                     && encoder.is_finished()
                     && control_scope.is_none()

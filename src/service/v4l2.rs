@@ -459,7 +459,9 @@ fn device_error(device: &str, action: &str, e: &io::Error) -> String {
             "{action} on {device} failed with an I/O error: the camera was unplugged or its USB \
              link is failing (cable, or a hub without enough power; see `dmesg`)"
         ),
-        Some(libc::ENOTTY) => format!(
+        // ENOTTY: the kernel's answer to a V4L2 ioctl on another kind of file; ENOSYS: the same
+        // under qemu-user, which does not translate V4L2 ioctls (the emulated board tests).
+        Some(libc::ENOTTY | libc::ENOSYS) => format!(
             "{device} is not a V4L2 video device ({action}: {e}); `v4l2-ctl --list-devices` \
              lists the cameras"
         ),
@@ -1338,6 +1340,7 @@ mod tests {
         assert!(err(libc::ENODEV).contains("unplugged"));
         assert!(err(libc::EIO).contains("I/O error"));
         assert!(err(libc::ENOTTY).contains("not a V4L2 video device"));
+        assert!(err(libc::ENOSYS).contains("not a V4L2 video device"));
         assert!(err(libc::EINVAL).starts_with("open on /dev/video0 failed"));
     }
 
