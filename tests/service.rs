@@ -272,10 +272,12 @@ fn ids(events: &[Value]) -> Vec<u64> {
 #[test]
 fn end_to_end_every_sink_and_sigterm_loses_nothing() {
     let dir = TempDir::new("e2e");
-    let mosquitto = common::mosquitto_binary("end_to_end");
-    let broker = mosquitto
-        .as_ref()
-        .map(|bin| common::Broker::start(bin, &dir.join("broker"), common::free_port()));
+    let mosquitto = common::mosquitto();
+    let broker = mosquitto.as_ref().map(|bin| {
+        let mut broker = common::Broker::persistent(bin, &dir.join("broker"), common::free_port());
+        broker.start();
+        broker
+    });
     let mqtt = broker
         .as_ref()
         .map(|b| common::Subscriber::start(b.port, "samrt/#", "samrt-e2e"));
@@ -454,10 +456,12 @@ fn faults_are_reported_and_the_service_keeps_running() {
     let jpeg = std::fs::read(data_dir().join("images/rocket.jpg")).unwrap();
     std::fs::write(frames.join("b.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
     std::fs::write(frames.join("c.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
-    let mosquitto = common::mosquitto_binary("faults");
-    let mut broker = mosquitto
-        .as_ref()
-        .map(|bin| common::Broker::start(bin, &dir.join("broker"), common::free_port()));
+    let mosquitto = common::mosquitto();
+    let mut broker = mosquitto.as_ref().map(|bin| {
+        let mut broker = common::Broker::persistent(bin, &dir.join("broker"), common::free_port());
+        broker.start();
+        broker
+    });
     // A durable subscriber: the broker keeps its messages across the broker's restart.
     let mut mqtt = broker
         .as_ref()
@@ -565,7 +569,7 @@ fn faults_are_reported_and_the_service_keeps_running() {
         },
     );
     if let Some(b) = broker.as_mut() {
-        b.restart();
+        b.start();
         mqtt = Some(common::Subscriber::start(b.port, "samrt/#", "samrt-faults"));
     }
 

@@ -9,17 +9,18 @@
 //! off, QoS 1) on a broker with persistence on: the broker keeps the messages published while the
 //! subscriber is not connected yet, so no test depends on who reconnects first.
 
-use std::fs::{self, File};
+mod common;
+
+use std::fs;
 use std::io::{Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime};
 
+use common::{find_program, free_port, mosquitto, Broker, TempDir};
 use image::RgbImage;
 use samrt::service::mqtt::{MqttConfig, MqttSink, MQTT_QUEUE_CAPACITY};
 use samrt::service::sink::{EventMask, MaskEvent, PromptOrigin, Sink};
@@ -32,193 +33,6 @@ const DEADLINE: Duration = Duration::from_secs(10);
 // ---------------------------------------------------------------------------------------------
 // Finding and running mosquitto.
 // ---------------------------------------------------------------------------------------------
-
-/// `name` on PATH or in one of `dirs`.
-fn find_program(name: &str, dirs: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(dirs.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-}
-
-/// The mosquitto binary; `None` (after saying so) when the test is to be skipped.
-fn mosquitto() -> Option<PathBuf> {
-    if let Some(found) = find_program("mosquitto", &["/usr/sbin", "/usr/local/sbin"]) {
-        return Some(found);
-    }
-    if std::env::var("SAMRT_REQUIRE_SERVERS").as_deref() == Ok("1") {
-        panic!(
-            "mosquitto is not installed and SAMRT_REQUIRE_SERVERS=1 requires it: install it with \
-             `apt-get install mosquitto mosquitto-clients`"
-        );
-    }
-    eprintln!(
-        "skipped: mosquitto not installed (apt-get install mosquitto mosquitto-clients; \
-         SAMRT_REQUIRE_SERVERS=1 turns this into a failure)"
-    );
-    None
-}
-
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local address").port()
-}
-
-/// A fresh directory under the system's temp directory, removed on drop. World-writable: run as
-/// root, mosquitto drops to its own user and must still write its database and log there.
-struct TestDir(PathBuf);
-
-impl TestDir {
-    fn new(name: &str) -> TestDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "samrt-mqtt-{}-{}-{name}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = fs::remove_dir_all(&path);
-        fs::create_dir_all(&path).expect("create the test directory");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o777)).expect("chmod 777");
-        TestDir(path)
-    }
-}
-
-impl Drop for TestDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A mosquitto process on one port, started and stopped at will; killed on drop, whatever the
-/// exit path of the test.
-struct Broker {
-    exe: PathBuf,
-    config: PathBuf,
-    dir: PathBuf,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Broker {
-    /// Writes the config (`extra` appended; anonymous clients allowed unless `extra` says
-    /// otherwise) without starting the broker.
-    fn new(exe: &Path, dir: &Path, port: u16, extra: &str) -> Broker {
-        let config = dir.join("mosquitto.conf");
-        let anonymous = if extra.contains("allow_anonymous") {
-            ""
-        } else {
-            "allow_anonymous true\n"
-        };
-        let text = format!(
-            "listener {port} 127.0.0.1\n{anonymous}log_dest file {log}\n{extra}\n",
-            log = dir.join("mosquitto.log").display()
-        );
-        fs::write(&config, text).expect("write mosquitto.conf");
-        Broker {
-            exe: exe.to_path_buf(),
-            config,
-            dir: dir.to_path_buf(),
-            port,
-            child: None,
-        }
-    }
-
-    /// Persistence on: sessions and queued messages survive a graceful [`Broker::stop`].
-    fn persistent(exe: &Path, dir: &Path, port: u16) -> Broker {
-        let extra = format!(
-            "persistence true\npersistence_location {}/\n",
-            dir.display()
-        );
-        Broker::new(exe, dir, port, &extra)
-    }
-
-    fn address(&self) -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], self.port))
-    }
-
-    /// Starts mosquitto and waits until it accepts connections.
-    fn start(&mut self) {
-        assert!(self.child.is_none(), "broker already running");
-        let output = |name: &str| {
-            File::create(self.dir.join(name))
-                .map(Stdio::from)
-                .expect("create an output file")
-        };
-        let child = Command::new(&self.exe)
-            .arg("-c")
-            .arg(&self.config)
-            .stdin(Stdio::null())
-            .stdout(output("stdout.txt"))
-            .stderr(output("stderr.txt"))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.exe.display()));
-        self.child = Some(child);
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            if TcpStream::connect_timeout(&self.address(), Duration::from_millis(200)).is_ok() {
-                return;
-            }
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|child| child.try_wait().ok().flatten());
-            if exited.is_some() || Instant::now() > deadline {
-                self.kill();
-                panic!(
-                    "mosquitto did not start on port {} ({exited:?}):\n{}",
-                    self.port,
-                    self.logs()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGTERM, so that mosquitto saves its database, then waits for the exit.
-    fn stop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        let pid = libc::pid_t::try_from(child.id()).expect("a pid");
-        // SAFETY: sends a signal to our own child process, which has not been reaped yet.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM);
-        }
-        let deadline = Instant::now() + DEADLINE;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("mosquitto ignored SIGTERM:\n{}", self.logs());
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn logs(&self) -> String {
-        ["mosquitto.log", "stdout.txt", "stderr.txt"]
-            .iter()
-            .map(|name| fs::read_to_string(self.dir.join(name)).unwrap_or_default())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // A subscriber on a raw socket (MQTT 3.1.1).
@@ -529,7 +343,7 @@ fn emit_all(sink: &mut MqttSink, events: &[MaskEvent]) {
 #[test]
 fn every_event_arrives_once_in_order_at_qos_1_and_0() {
     let Some(exe) = mosquitto() else { return };
-    let dir = TestDir::new("order");
+    let dir = TempDir::new("order");
     let mut broker = Broker::new(&exe, &dir.0, free_port(), "");
     broker.start();
     let (subscriber, _) = Subscriber::connect(&broker, "test-sub-order", true, None);
@@ -568,7 +382,7 @@ fn every_event_arrives_once_in_order_at_qos_1_and_0() {
 #[test]
 fn events_wait_while_the_broker_is_down() {
     let Some(exe) = mosquitto() else { return };
-    let dir = TestDir::new("outage");
+    let dir = TempDir::new("outage");
     let mut broker = Broker::persistent(&exe, &dir.0, free_port());
     register_persistent_subscriber(&mut broker, "test-sub-outage");
 
@@ -606,7 +420,7 @@ fn events_wait_while_the_broker_is_down() {
 #[test]
 fn full_queue_drops_the_oldest_events() {
     let Some(exe) = mosquitto() else { return };
-    let dir = TestDir::new("overflow");
+    let dir = TempDir::new("overflow");
     let mut broker = Broker::persistent(&exe, &dir.0, free_port());
     register_persistent_subscriber(&mut broker, "test-sub-overflow");
 
@@ -637,7 +451,7 @@ fn full_queue_drops_the_oldest_events() {
 #[test]
 fn broker_authentication() {
     let Some(exe) = mosquitto() else { return };
-    let dir = TestDir::new("auth");
+    let dir = TempDir::new("auth");
     let password_tool = find_program("mosquitto_passwd", &["/usr/bin", "/usr/local/bin"]);
     let password_file = dir.0.join("passwd");
     let mut extra = "allow_anonymous false\n".to_string();

@@ -1,8 +1,13 @@
 //! Helpers shared by the integration tests: paths, the reference files, mask comparisons.
 #![allow(dead_code)]
 
+use std::fs::{self, File};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use samrt::{CocoRle, Mask, ModelFiles, SamPredictor};
 use serde_json::Value;
@@ -165,101 +170,6 @@ pub fn wait_for<T>(
     }
 }
 
-/// Where Debian's mosquitto broker is, if installed. When `SAMRT_REQUIRE_SERVERS=1` (set by
-/// `.ci/run`) a missing broker fails the test; otherwise the caller skips with a notice.
-pub fn mosquitto_binary(test: &str) -> Option<PathBuf> {
-    let found = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var("SAMRT_REQUIRE_SERVERS").as_deref() != Ok("1"),
-            "{test}: mosquitto is not installed (apt-get install mosquitto mosquitto-clients)"
-        );
-        eprintln!("{test}: skipped: mosquitto not installed (apt-get install mosquitto mosquitto-clients)");
-    }
-    found
-}
-
-/// A free TCP port on loopback (bound, read, released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A mosquitto broker on loopback, with persistence in its own directory (so a durable
-/// subscriber's queued messages survive a restart); killed on drop.
-pub struct Broker {
-    binary: PathBuf,
-    dir: PathBuf,
-    pub port: u16,
-    child: Option<std::process::Child>,
-}
-
-impl Broker {
-    pub fn start(binary: &Path, dir: &Path, port: u16) -> Self {
-        std::fs::create_dir_all(dir).expect("broker dir");
-        let config = dir.join("mosquitto.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {}/\n{}",
-                dir.display(),
-                // As root, mosquitto would switch to its own user and could not write here.
-                if is_root() { "user root\n" } else { "" }
-            ),
-        )
-        .expect("broker config");
-        let mut broker = Broker {
-            binary: binary.to_path_buf(),
-            dir: dir.to_path_buf(),
-            port,
-            child: None,
-        };
-        broker.restart();
-        broker
-    }
-
-    /// Starts the broker (again) and waits until it accepts connections.
-    pub fn restart(&mut self) {
-        let log = std::fs::File::create(self.dir.join("mosquitto.log")).expect("broker log");
-        let child = std::process::Command::new(&self.binary)
-            .arg("-c")
-            .arg(self.dir.join("mosquitto.conf"))
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start mosquitto");
-        self.child = Some(child);
-        let port = self.port;
-        wait_for(
-            "mosquitto to listen",
-            std::time::Duration::from_secs(10),
-            || std::net::TcpStream::connect(("127.0.0.1", port)).ok(),
-        );
-    }
-
-    /// Stops the broker the way systemd would (SIGTERM: it saves its sessions), and waits.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            send_signal(child.id(), 15);
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
 /// A `mosquitto_sub` durable subscriber (client id `id`, QoS 1) printing "topic payload" lines.
 pub struct Subscriber {
     child: std::process::Child,
@@ -314,19 +224,192 @@ impl Drop for Subscriber {
     }
 }
 
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(1) == Some("0"))
-        })
-        .unwrap_or(false)
-}
-
 /// Sends a signal to a process.
 pub fn send_signal(pid: u32, signal: i32) {
     // SAFETY: kill has no memory-safety preconditions.
     unsafe { libc::kill(pid as i32, signal) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// mosquitto, for the MQTT tests (`.ci/run` installs it; without it they skip, unless
+// SAMRT_REQUIRE_SERVERS=1).
+// ---------------------------------------------------------------------------------------------
+
+/// The longest a broker may take to start or stop.
+const BROKER_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `name` on PATH or in one of `dirs`.
+pub fn find_program(name: &str, dirs: &[&str]) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(dirs.iter().map(PathBuf::from))
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+/// The mosquitto binary; `None` (after saying so) when the test is to be skipped.
+pub fn mosquitto() -> Option<PathBuf> {
+    if let Some(found) = find_program("mosquitto", &["/usr/sbin", "/usr/local/sbin"]) {
+        return Some(found);
+    }
+    if std::env::var("SAMRT_REQUIRE_SERVERS").as_deref() == Ok("1") {
+        panic!(
+            "mosquitto is not installed and SAMRT_REQUIRE_SERVERS=1 requires it: install it with \
+             `apt-get install mosquitto mosquitto-clients`"
+        );
+    }
+    eprintln!(
+        "skipped: mosquitto not installed (apt-get install mosquitto mosquitto-clients; \
+         SAMRT_REQUIRE_SERVERS=1 turns this into a failure)"
+    );
+    None
+}
+
+/// A port of 127.0.0.1 that was free a moment ago, never the same twice in one test binary (its
+/// tests run in parallel: two brokers must not be handed one port).
+pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("local address").port();
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
+}
+
+/// A mosquitto process on one port, started and stopped at will; killed on drop, whatever the
+/// exit path of the test.
+pub struct Broker {
+    exe: PathBuf,
+    config: PathBuf,
+    dir: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl Broker {
+    /// Writes the config (`extra` appended; anonymous clients allowed unless `extra` says
+    /// otherwise) without starting the broker.
+    pub fn new(exe: &Path, dir: &Path, port: u16, extra: &str) -> Broker {
+        // World-writable: run as root, mosquitto drops to its own user and must still write its
+        // database and log here.
+        std::fs::create_dir_all(dir).expect("create the broker directory");
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o777))
+            .expect("chmod 777");
+        let config = dir.join("mosquitto.conf");
+        let anonymous = if extra.contains("allow_anonymous") {
+            ""
+        } else {
+            "allow_anonymous true\n"
+        };
+        let text = format!(
+            "listener {port} 127.0.0.1\n{anonymous}log_dest file {log}\n{extra}\n",
+            log = dir.join("mosquitto.log").display()
+        );
+        fs::write(&config, text).expect("write mosquitto.conf");
+        Broker {
+            exe: exe.to_path_buf(),
+            config,
+            dir: dir.to_path_buf(),
+            port,
+            child: None,
+        }
+    }
+
+    /// Persistence on: sessions and queued messages survive a graceful [`Broker::stop`].
+    pub fn persistent(exe: &Path, dir: &Path, port: u16) -> Broker {
+        let extra = format!(
+            "persistence true\npersistence_location {}/\n",
+            dir.display()
+        );
+        Broker::new(exe, dir, port, &extra)
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// Starts mosquitto and waits until it accepts connections.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "broker already running");
+        let output = |name: &str| {
+            File::create(self.dir.join(name))
+                .map(Stdio::from)
+                .expect("create an output file")
+        };
+        let child = Command::new(&self.exe)
+            .arg("-c")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(output("stdout.txt"))
+            .stderr(output("stderr.txt"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.exe.display()));
+        self.child = Some(child);
+        let deadline = Instant::now() + BROKER_DEADLINE;
+        loop {
+            if TcpStream::connect_timeout(&self.address(), Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|child| child.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
+                self.kill();
+                panic!(
+                    "mosquitto did not start on port {} ({exited:?}):\n{}",
+                    self.port,
+                    self.logs()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM, so that mosquitto saves its database, then waits for the exit.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = libc::pid_t::try_from(child.id()).expect("a pid");
+        // SAFETY: sends a signal to our own child process, which has not been reaped yet.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + BROKER_DEADLINE;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("mosquitto ignored SIGTERM:\n{}", self.logs());
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        ["mosquitto.log", "stdout.txt", "stderr.txt"]
+            .iter()
+            .map(|name| fs::read_to_string(self.dir.join(name)).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
