@@ -79,21 +79,30 @@ impl DrawTarget for ImageCanvas<'_> {
     }
 }
 
+/// Whether the inside pixel (x, y) of a `width` x `height` mask lies on its outline: on the
+/// image's border or next to an outside pixel.
+pub fn on_outline(
+    x: usize,
+    y: usize,
+    width: usize,
+    height: usize,
+    inside: impl Fn(usize, usize) -> bool,
+) -> bool {
+    x == 0
+        || y == 0
+        || x + 1 == width
+        || y + 1 == height
+        || !inside(x - 1, y)
+        || !inside(x + 1, y)
+        || !inside(x, y - 1)
+        || !inside(x, y + 1)
+}
+
 fn outline(mask: &Mask) -> impl Iterator<Item = (usize, usize)> + '_ {
     let (w, h) = (mask.width, mask.height);
     (0..h)
         .flat_map(move |y| (0..w).map(move |x| (x, y)))
-        .filter(move |&(x, y)| {
-            mask.get(x, y)
-                && (x == 0
-                    || y == 0
-                    || x + 1 == w
-                    || y + 1 == h
-                    || !mask.get(x - 1, y)
-                    || !mask.get(x + 1, y)
-                    || !mask.get(x, y - 1)
-                    || !mask.get(x, y + 1))
-        })
+        .filter(move |&(x, y)| mask.get(x, y) && on_outline(x, y, w, h, |x, y| mask.get(x, y)))
 }
 
 /// The marker of a prompt point: filled by its label (green foreground, red background), outlined

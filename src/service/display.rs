@@ -29,7 +29,7 @@ use embedded_graphics::Drawable;
 use serde::{Deserialize, Serialize};
 
 use super::sink::{MaskEvent, PromptOrigin, Sink, SinkError};
-use crate::overlay::{point_marker_style, FOREGROUND_COLOR, MASK_COLORS, MASK_OPACITY};
+use crate::overlay::{on_outline, point_marker_style, FOREGROUND_COLOR, MASK_COLORS, MASK_OPACITY};
 use crate::postprocess::Mask;
 
 /// The value of [`DisplayConfig::device`] that draws into memory and presents nothing.
@@ -424,15 +424,9 @@ impl<'a> MaskView<'a> {
     /// Whether an inside pixel is on the outline: next to an outside pixel or the frame's edge,
     /// in display pixels (so the outline stays one display pixel wide at any scale).
     fn on_edge(&self, x: usize, y: usize) -> bool {
-        let (w, h) = (self.cols.len(), self.rows.len());
-        x == 0
-            || y == 0
-            || x + 1 == w
-            || y + 1 == h
-            || !self.inside(x - 1, y)
-            || !self.inside(x + 1, y)
-            || !self.inside(x, y - 1)
-            || !self.inside(x, y + 1)
+        on_outline(x, y, self.cols.len(), self.rows.len(), |x, y| {
+            self.inside(x, y)
+        })
     }
 }
 
