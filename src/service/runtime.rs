@@ -398,6 +398,43 @@ impl Decoder<'_> {
         }
     }
 
+    /// Decodes `prompt` (or segments everything when `None`) against the newest embedding,
+    /// emits the event and answers `reply`.
+    fn answer(
+        &mut self,
+        origin: PromptOrigin,
+        prompt: Option<Prompt>,
+        multimask: bool,
+        received: Instant,
+        reply: Option<Sender<Reply>>,
+    ) {
+        let what = match &prompt {
+            Some(_) => format!("{} prompt", origin.kind()),
+            None => "segment everything".to_string(),
+        };
+        let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
+            return self.fail(
+                reply,
+                &what,
+                "no frame has been encoded yet (is the source delivering frames? see the log)"
+                    .into(),
+            );
+        };
+        let masks = match &prompt {
+            Some(prompt) => self.decode_prompt(&encoded, prompt, multimask),
+            None => self.everything(&encoded),
+        };
+        match masks {
+            Ok(masks) => {
+                let json = self.emit(&encoded, origin, prompt, masks, received);
+                if let Some(reply) = reply {
+                    let _ = reply.send(Ok(json));
+                }
+            }
+            Err(e) => self.fail(reply, &what, e),
+        }
+    }
+
     fn run_job(&mut self, job: Job) {
         match job {
             Job::Prompt {
@@ -406,42 +443,12 @@ impl Decoder<'_> {
                 multimask,
                 received,
                 reply,
-            } => {
-                let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
-                    return self.fail(reply, "prompt", "no frame has been encoded yet (is the source delivering frames? see the log)".into());
-                };
-                match self.decode_prompt(&encoded, &prompt, multimask) {
-                    Ok(masks) => {
-                        let json = self.emit(&encoded, origin, Some(prompt), masks, received);
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Ok(json));
-                        }
-                    }
-                    Err(e) => self.fail(reply, &format!("{} prompt", origin.kind()), e),
-                }
-            }
+            } => self.answer(origin, Some(prompt), multimask, received, reply),
             Job::Everything {
                 origin,
                 received,
                 reply,
-            } => {
-                let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
-                    return self.fail(
-                        reply,
-                        "segment everything",
-                        "no frame has been encoded yet".into(),
-                    );
-                };
-                match self.everything(&encoded) {
-                    Ok(masks) => {
-                        let json = self.emit(&encoded, origin, None, masks, received);
-                        if let Some(reply) = reply {
-                            let _ = reply.send(Ok(json));
-                        }
-                    }
-                    Err(e) => self.fail(reply, "segment everything", e),
-                }
-            }
+            } => self.answer(origin, None, false, received, reply),
             Job::Encoded(encoded) => self.per_frame(&encoded),
         }
     }
@@ -451,18 +458,7 @@ impl Decoder<'_> {
         let n = self.shared.stats.encoded.load(Ordering::Relaxed);
         let fixed = &self.config.prompts.fixed;
         if fixed.every_n_frames > 0 && (n - 1).is_multiple_of(fixed.every_n_frames) {
-            let prompt = Prompt {
-                points: fixed
-                    .points
-                    .iter()
-                    .map(|p| PointPrompt {
-                        x: p[0],
-                        y: p[1],
-                        label: PointLabel::Foreground,
-                    })
-                    .collect(),
-                ..Prompt::default()
-            };
+            let prompt = points_prompt(&fixed.points, &encoded.frame.image);
             match self.decode_prompt(encoded, &prompt, self.config.prompts.multimask) {
                 Ok(masks) => {
                     self.emit(encoded, PromptOrigin::Fixed, Some(prompt), masks, received);
@@ -511,8 +507,9 @@ impl Decoder<'_> {
     }
 }
 
-/// The prompt a short button press makes: the configured points, or the frame centre.
-pub fn button_prompt(points: &[[f64; 2]], frame: &RgbImage) -> Prompt {
+/// One prompt of foreground `points` (a short button press's, the fixed points), or the frame
+/// centre when there are none.
+pub fn points_prompt(points: &[[f64; 2]], frame: &RgbImage) -> Prompt {
     let points = if points.is_empty() {
         vec![PointPrompt {
             x: frame.width() as f64 / 2.0,
@@ -570,7 +567,7 @@ fn button_loop(
                 };
                 Job::Prompt {
                     origin: PromptOrigin::Button,
-                    prompt: button_prompt(&config.prompts.button.points, &encoded.frame.image),
+                    prompt: points_prompt(&config.prompts.button.points, &encoded.frame.image),
                     multimask: config.prompts.multimask,
                     received,
                     reply: None,
@@ -914,9 +911,9 @@ mod tests {
     #[test]
     fn button_prompt_defaults_to_the_centre() {
         let image = RgbImage::new(640, 480);
-        let centre = button_prompt(&[], &image);
+        let centre = points_prompt(&[], &image);
         assert_eq!((centre.points[0].x, centre.points[0].y), (320.0, 240.0));
-        let fixed = button_prompt(&[[10.0, 20.0], [30.0, 40.0]], &image);
+        let fixed = points_prompt(&[[10.0, 20.0], [30.0, 40.0]], &image);
         assert_eq!(fixed.points.len(), 2);
         assert_eq!(fixed.points[1].y, 40.0);
     }
