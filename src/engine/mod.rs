@@ -1,18 +1,21 @@
 //! The inference engine: the only module that talks to tract.
 //!
-//! Two plans are built once, at load time, and reused for every frame and every prompt:
+//! Plans are built at load time and reused for every frame and every prompt:
 //! - [`ImageEncoder`]: the SAM image encoder with its input fact fixed to 1x3x1024x1024 and the graph
 //!   optimized for it;
 //! - [`MaskDecoder`]: the prompt encoder + mask decoder exported by Meta's `SamOnnxModel`, cut so
 //!   that it returns the low-resolution logits and predicted IoU of *every* mask token. The in-graph
 //!   upsampling (whose output shape depends on the `orig_im_size` value, which tract cannot type)
-//!   and the single-mask selection are dropped; both are done in Rust by the caller. The number of
-//!   points stays a symbolic dimension, so one optimized plan serves every prompt.
+//!   and the single-mask selection are dropped; both are done in Rust by the caller. Plans are
+//!   specialized per prompt shape (number of points, mask input or not) and kept.
+
+mod fast_ops;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::knobs::KnobScope;
 
 use crate::error::{Error, Result};
 
@@ -43,6 +46,12 @@ const DECODER_OUTPUTS: [&str; 2] = ["low_res_masks", "iou_predictions"];
 
 type Plan = Arc<TypedRunnableModel>;
 
+/// tract settings for optimizing the image encoder, each measured on SAM encoders (README,
+/// Performance). tract 0.23 runs TinyViT's patch-embedding convolutions (3x3, stride 2, 3 -> 32
+/// -> 64 channels at 512² and 256²) as its direct spatial convolution, 10% of the encoder's time;
+/// im2col and a matrix product take 40% of that, 4% of the whole encoder.
+const ENCODER_KNOBS: [(&str, &str); 1] = [("TRACT_DISABLE_DIRECT_SPATIAL", "true")];
+
 /// Sets how many threads tract's matrix products may use, process-wide (1: single-threaded, the
 /// default). Plans built before and after share the setting.
 pub fn set_compute_threads(threads: usize) {
@@ -68,10 +77,12 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
             "the file is empty (re-copy the model file)",
         ));
     }
-    let model = tract_onnx::onnx().model_for_read(&mut &*bytes).map_err(|e| {
+    let model = fast_ops::onnx().model_for_read(&mut &*bytes).map_err(|e| {
         model_error(
             path,
-            format!("not a readable ONNX model, or truncated ({e:#}); re-copy or re-export the file"),
+            format!(
+                "not a readable ONNX model, or truncated ({e:#}); re-copy or re-export the file"
+            ),
         )
     })?;
     reject_known_miscompilations(path, &model)?;
@@ -161,7 +172,10 @@ pub struct ImageEncoder {
 impl ImageEncoder {
     /// Builds the optimized plan from the bytes of an ONNX file (`path` is for messages).
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let model = parse_onnx(path, bytes)?;
+        Self::from_model(path, parse_onnx(path, bytes)?)
+    }
+
+    fn from_model(path: &Path, model: InferenceModel) -> Result<Self> {
         let inputs = model
             .input_outlets()
             .map_err(|e| model_error(path, e.to_string()))?
@@ -219,8 +233,8 @@ impl ImageEncoder {
                 ),
             ));
         }
-        let plan = typed
-            .into_optimized()
+        let plan = KnobScope::new(ENCODER_KNOBS)
+            .and_then(|knobs| knobs.enter(|| typed.into_optimized()))
             .and_then(|m| m.into_runnable())
             .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
         Ok(ImageEncoder { plan })
@@ -300,11 +314,40 @@ pub struct DecoderInput<'a> {
     pub mask_input: Option<&'a [f32]>,
 }
 
+/// How many decoder plans specialized to one prompt shape are kept (see [`MaskDecoder`]).
+pub const MAX_DECODER_PLANS: usize = 8;
+
+/// What a specialized decoder plan is built for: the number of points the decoder takes
+/// (padding point and box corners included) and whether a previous mask is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PromptShape {
+    pub points: usize,
+    pub mask_input: bool,
+}
+
+impl PromptShape {
+    /// A single point plus the padding point, or a box alone: what clicks, button presses,
+    /// detector boxes and segment-everything send.
+    pub const ONE_POINT: PromptShape = PromptShape {
+        points: 2,
+        mask_input: false,
+    };
+}
+
 /// SAM's prompt encoder + mask decoder.
+///
+/// Plans are specialized to the shape of the prompt: with the number of points fixed tract
+/// optimizes every shape concretely, and without a mask input the `has_mask_input` = 0 branch
+/// (the mask downscaling convolutions, multiplied by zero in the exported graph) folds into a
+/// constant. The one-point plan is built at load; others at their first use, up to
+/// [`MAX_DECODER_PLANS`], after which a plan with a symbolic point count serves the rest.
 #[derive(Debug)]
 pub struct MaskDecoder {
-    plan: Plan,
-    zero_mask: Tensor,
+    /// The cut graph, with its five inputs and symbolic point count.
+    model: InferenceModel,
+    path: std::path::PathBuf,
+    plans: std::sync::Mutex<Vec<(PromptShape, Plan)>>,
+    any_shape: std::sync::Mutex<Option<Plan>>,
 }
 
 /// Follows the first input of each node back from `outlet` to the `Flatten` that feeds the
@@ -322,10 +365,29 @@ fn pre_selection_outlet(model: &InferenceModel, outlet: OutletId) -> Option<Outl
     None
 }
 
+/// Turns input `index` of `model` into the constant `value`, so the optimizer can fold what
+/// depends only on it.
+fn input_to_const(model: &mut TypedModel, index: usize, value: Tensor) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    let outlet = model.input_outlets()?[index];
+    model.node_mut(outlet.node).op = Box::new(Const::new(Arc::new(value.clone()))?);
+    model.set_outlet_fact(outlet, TypedFact::try_from(value)?)?;
+    let inputs: Vec<OutletId> = model
+        .input_outlets()?
+        .iter()
+        .copied()
+        .filter(|&o| o != outlet)
+        .collect();
+    model.set_input_outlets(&inputs)
+}
+
 impl MaskDecoder {
     /// Builds the decoder plan from the bytes of an ONNX file exported by Meta's `SamOnnxModel`.
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
-        let mut model = parse_onnx(path, bytes)?;
+        Self::from_model(path, parse_onnx(path, bytes)?)
+    }
+
+    fn from_model(path: &Path, mut model: InferenceModel) -> Result<Self> {
         let input_names: Vec<String> = model
             .input_outlets()
             .map_err(|e| model_error(path, e.to_string()))?
@@ -364,8 +426,88 @@ impl MaskDecoder {
             .and_then(|_| model.select_output_outlets(&all_tokens))
             .and_then(|_| model.compact())
             .map_err(|e| model_error(path, format!("cannot cut the decoder graph: {e:#}")))?;
-        let typed = model
-            .into_optimized()
+        let decoder = MaskDecoder {
+            model,
+            path: path.to_path_buf(),
+            plans: Default::default(),
+            any_shape: Default::default(),
+        };
+        decoder.plan_for(PromptShape::ONE_POINT)?;
+        Ok(decoder)
+    }
+
+    /// The plan for prompts of `shape`, built and kept at its first use.
+    fn plan_for(&self, shape: PromptShape) -> Result<Plan> {
+        let lock_err = || Error::Inference("mask decoder: a plan cache lock was poisoned".into());
+        if let Some((_, plan)) = self
+            .plans
+            .lock()
+            .map_err(|_| lock_err())?
+            .iter()
+            .find(|(s, _)| *s == shape)
+        {
+            return Ok(plan.clone());
+        }
+        let full = self.plans.lock().map_err(|_| lock_err())?.len() >= MAX_DECODER_PLANS;
+        if full {
+            return self.any_shape_plan();
+        }
+        let typed = self.specialized_model(shape);
+        let plan = self.finish_plan(typed)?;
+        let mut plans = self.plans.lock().map_err(|_| lock_err())?;
+        if !plans.iter().any(|(s, _)| *s == shape) {
+            plans.push((shape, plan.clone()));
+        }
+        Ok(plan)
+    }
+
+    /// The plan with a symbolic point count and every input, built at its first use.
+    fn any_shape_plan(&self) -> Result<Plan> {
+        let mut any = self
+            .any_shape
+            .lock()
+            .map_err(|_| Error::Inference("mask decoder: a plan cache lock was poisoned".into()))?;
+        if let Some(plan) = any.as_ref() {
+            return Ok(plan.clone());
+        }
+        let plan = self.finish_plan(self.model.clone().into_typed())?;
+        *any = Some(plan.clone());
+        Ok(plan)
+    }
+
+    /// The graph typed for `shape`, with `has_mask_input` (and without a mask, `mask_input`)
+    /// as constants.
+    fn specialized_model(&self, shape: PromptShape) -> TractResult<TypedModel> {
+        let n = shape.points;
+        let mut typed = self
+            .model
+            .clone()
+            .with_input_fact(
+                0,
+                f32::fact([1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE]).into(),
+            )?
+            .with_input_fact(1, f32::fact([1, n, 2]).into())?
+            .with_input_fact(2, f32::fact([1, n]).into())?
+            .with_input_fact(
+                3,
+                f32::fact([1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE]).into(),
+            )?
+            .with_input_fact(4, f32::fact([1]).into())?
+            .into_typed()?;
+        let has_mask = Tensor::from_shape(&[1], &[f32::from(u8::from(shape.mask_input))])?;
+        input_to_const(&mut typed, 4, has_mask)?;
+        if !shape.mask_input {
+            let zeros = Tensor::zero::<f32>(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE])?;
+            input_to_const(&mut typed, 3, zeros)?;
+        }
+        Ok(typed)
+    }
+
+    /// Optimizes a typed decoder graph, checks its outputs and makes it runnable.
+    fn finish_plan(&self, typed: TractResult<TypedModel>) -> Result<Plan> {
+        let path = self.path.as_path();
+        let typed = typed
+            .and_then(|m| m.into_optimized())
             .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
         let masks_fact = typed
             .output_fact(0)
@@ -389,39 +531,53 @@ impl MaskDecoder {
                 ),
             ));
         }
-        let plan = typed
+        typed
             .into_runnable()
-            .map_err(|e| model_error(path, format!("cannot build the decoder plan: {e:#}")))?;
-        let zero_mask = Tensor::zero::<f32>(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE])
-            .map_err(|e| Error::Inference(e.to_string()))?;
-        Ok(MaskDecoder { plan, zero_mask })
+            .map_err(|e| model_error(path, format!("cannot build the decoder plan: {e:#}")))
+    }
+
+    /// Number of specialized plans built so far.
+    pub fn specialized_plans(&self) -> usize {
+        self.plans.lock().map(|p| p.len()).unwrap_or(0)
     }
 
     /// Runs the decoder once and returns every mask token.
     pub fn decode(&self, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
         let n = input.point_labels.len();
+        let shape = PromptShape {
+            points: n,
+            mask_input: input.mask_input.is_some(),
+        };
+        self.decode_with(self.plan_for(shape)?, input)
+    }
+
+    fn decode_with(&self, plan: Plan, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
+        let n = input.point_labels.len();
+        let specialized = plan.model().input_outlets().map_or(0, |i| i.len()) < 5;
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
         let coords = Tensor::from_shape(&[1, n, 2], input.point_coords).map_err(err)?;
         let labels = Tensor::from_shape(&[1, n], input.point_labels).map_err(err)?;
-        let (mask, has_mask) = match input.mask_input {
-            Some(m) => (
-                Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m)
-                    .map_err(err)?,
-                1.0f32,
-            ),
-            None => (self.zero_mask.clone(), 0.0f32),
+        let mut inputs = tvec!(
+            input.embedding.0.clone(),
+            coords.into_tvalue(),
+            labels.into_tvalue()
+        );
+        let mask_tensor = |mask: Option<&[f32]>| match mask {
+            Some(m) => Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m),
+            None => Tensor::zero::<f32>(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE]),
         };
-        let has_mask = Tensor::from_shape(&[1], &[has_mask]).map_err(err)?;
-        let outputs = self
-            .plan
-            .run(tvec!(
-                input.embedding.0.clone(),
-                coords.into_tvalue(),
-                labels.into_tvalue(),
-                mask.into_tvalue(),
-                has_mask.into_tvalue()
-            ))
-            .map_err(err)?;
+        if !specialized {
+            let has_mask = f32::from(u8::from(input.mask_input.is_some()));
+            inputs.push(mask_tensor(input.mask_input).map_err(err)?.into_tvalue());
+            inputs.push(
+                Tensor::from_shape(&[1], &[has_mask])
+                    .map_err(err)?
+                    .into_tvalue(),
+            );
+        } else if input.mask_input.is_some() {
+            inputs.push(mask_tensor(input.mask_input).map_err(err)?.into_tvalue());
+        }
+        let outputs = plan.run(inputs).map_err(err)?;
         let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
         let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
         if low_res_logits.len() != iou_predictions.len() * LOW_RES_MASK_LEN {
@@ -527,5 +683,120 @@ impl ObjectDetector {
             anchors,
             classes,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max)
+    }
+
+    /// Every specialized plan computes what the plan with a symbolic point count and every input
+    /// computes; past MAX_DECODER_PLANS shapes the cache stops growing and prompts still decode.
+    #[test]
+    fn specialized_decoder_plans_match_the_symbolic_plan() {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.decoder).expect("decoder bytes");
+        let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &bytes).expect("decoder");
+        assert_eq!(
+            decoder.specialized_plans(),
+            1,
+            "the one-point plan is built at load"
+        );
+        let values: Vec<f32> = (0..EMBEDDING_LEN)
+            .map(|i| ((i * 7919) % 2001) as f32 / 2000.0 - 0.5)
+            .collect();
+        let embedding = EmbeddingTensor::new(&values).unwrap();
+        let mut previous: Option<Vec<f32>> = None;
+        for points in 1..=MAX_DECODER_PLANS / 2 + 2 {
+            for with_mask in [false, true] {
+                let coords: Vec<f32> = (0..points)
+                    .flat_map(|i| [100.0 + 97.0 * i as f32, 700.0 - 61.0 * i as f32])
+                    .collect();
+                let labels: Vec<f32> = (0..points)
+                    .map(|i| {
+                        if i + 1 == points {
+                            -1.0
+                        } else {
+                            (i % 2) as f32
+                        }
+                    })
+                    .collect();
+                let input = DecoderInput {
+                    embedding: &embedding,
+                    point_coords: &coords,
+                    point_labels: &labels,
+                    mask_input: previous.as_deref().filter(|_| with_mask),
+                };
+                let specialized = decoder.decode(&input).unwrap();
+                let symbolic = decoder
+                    .decode_with(decoder.any_shape_plan().unwrap(), &input)
+                    .unwrap();
+                let diff = max_diff(&specialized.low_res_logits, &symbolic.low_res_logits);
+                assert!(
+                    diff < 1e-3,
+                    "{points} points, mask {with_mask}: logits differ by {diff}"
+                );
+                let diff = max_diff(&specialized.iou_predictions, &symbolic.iou_predictions);
+                assert!(
+                    diff < 1e-4,
+                    "{points} points, mask {with_mask}: IoU differs by {diff}"
+                );
+                previous = Some(specialized.logits(0).to_vec());
+            }
+        }
+        assert_eq!(decoder.specialized_plans(), MAX_DECODER_PLANS);
+    }
+
+    /// samrt's operators (`fast_ops`) change nothing but speed: the default decoder (opset 17, the
+    /// one with `LayerNormalization` and opset-13 `Softmax`) parsed with them computes what
+    /// tract's own operators compute.
+    #[test]
+    fn samrt_operators_match_tracts_on_the_default_model() {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let tract_only = |path: &Path| {
+            let bytes = std::fs::read(path).unwrap();
+            tract_onnx::onnx().model_for_read(&mut &*bytes).unwrap()
+        };
+        let samrt = |path: &Path| parse_onnx(path, &std::fs::read(path).unwrap()).unwrap();
+        let values: Vec<f32> = (0..EMBEDDING_LEN)
+            .map(|i| ((i * 7919) % 2001) as f32 / 2000.0 - 0.5)
+            .collect();
+        let embedding = EmbeddingTensor::new(&values).unwrap();
+        let ours = MaskDecoder::from_model(&files.decoder, samrt(&files.decoder)).unwrap();
+        let theirs = MaskDecoder::from_model(&files.decoder, tract_only(&files.decoder)).unwrap();
+        let input = DecoderInput {
+            embedding: &embedding,
+            point_coords: &[400.0, 300.0, 0.0, 0.0],
+            point_labels: &[1.0, -1.0],
+            mask_input: None,
+        };
+        let (a, b) = (ours.decode(&input).unwrap(), theirs.decode(&input).unwrap());
+        let diff = max_diff(&a.low_res_logits, &b.low_res_logits);
+        assert!(diff < 1e-3, "decoder logits differ by {diff}");
+        assert!(max_diff(&a.iou_predictions, &b.iou_predictions) < 1e-4);
+        let names = |plan: &Plan| -> Vec<String> {
+            plan.model()
+                .nodes()
+                .iter()
+                .map(|n| n.op.name().to_string())
+                .collect()
+        };
+        let ours_ops = names(&ours.plan_for(PromptShape::ONE_POINT).unwrap());
+        assert!(
+            ours_ops.iter().any(|n| n == "LastAxisLayerNorm"),
+            "{ours_ops:?}"
+        );
+        assert!(
+            ours_ops.iter().any(|n| n == "ShortAxisSoftmax"),
+            "{ours_ops:?}"
+        );
     }
 }

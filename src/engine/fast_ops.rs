@@ -1,0 +1,373 @@
+//! Operators samrt gives tract where its own are slow on SAM's shapes, registered in place of the
+//! ONNX parser's (see [`onnx`]). Each computes what the ONNX operator defines, in f32.
+//!
+//! - `LayerNormalization` over the last axis: tract 0.23 expands it into seven operators (mean,
+//!   subtract, square, mean, rsqrt, multiply, scale and shift) that each make a pass over the
+//!   tensor; on the decoder's 4096x256 image tokens that is ~5 ms a norm on this project's
+//!   machine. One pass per row here.
+//! - `Softmax` over a short last axis (at most [`SHORT_SOFTMAX_AXIS`] values): tract's softmax is
+//!   built for long rows; the decoder's image-to-token attention has rows of 7 (8 heads x 4096
+//!   image tokens), ~4 ms a layer. Longer rows stay with tract's.
+
+use std::sync::OnceLock;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::*;
+
+type Builder = fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+
+/// tract's ONNX parser with samrt's operators registered.
+pub fn onnx() -> tract_onnx::Onnx {
+    let mut onnx = tract_onnx::onnx();
+    let _ = TRACT_LAYER_NORM.set(onnx.op_register.0.get("LayerNormalization").copied());
+    onnx.op_register
+        .insert("LayerNormalization", layer_normalization);
+    let _ = TRACT_SOFTMAX.set(onnx.op_register.0.get("Softmax").copied());
+    onnx.op_register.insert("Softmax", softmax);
+    onnx
+}
+
+/// The longest last axis [`ShortAxisSoftmax`] takes.
+pub const SHORT_SOFTMAX_AXIS: usize = 16;
+
+/// tract's own `Softmax` builder (opset < 13 has other semantics: flatten from `axis`).
+static TRACT_SOFTMAX: OnceLock<Option<Builder>> = OnceLock::new();
+
+fn softmax(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    if ctx.onnx_operator_set_version >= 13 {
+        let axis: isize = node.get_attr_opt("axis")?.unwrap_or(-1);
+        return Ok((expand(SoftmaxExpansion { axis }), vec![]));
+    }
+    match TRACT_SOFTMAX.get().copied().flatten() {
+        Some(builder) => builder(ctx, node),
+        None => bail!(
+            "Softmax: no builder for opset {}",
+            ctx.onnx_operator_set_version
+        ),
+    }
+}
+
+/// ONNX `Softmax` (opset 13+): samrt's op on a short last f32 axis, tract's otherwise.
+#[derive(Debug, Clone)]
+struct SoftmaxExpansion {
+    axis: isize,
+}
+
+impl Expansion for SoftmaxExpansion {
+    fn name(&self) -> StaticName {
+        "Softmax".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 1)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let fact = model.outlet_fact(inputs[0])?.clone();
+        let rank = fact.rank() as isize;
+        let last = fact.shape.last().and_then(|d| d.to_usize().ok());
+        let short = fact.datum_type == f32::datum_type()
+            && (self.axis == -1 || self.axis == rank - 1)
+            && last.is_some_and(|n| (1..=SHORT_SOFTMAX_AXIS).contains(&n));
+        if short {
+            model.wire_node(prefix, ShortAxisSoftmax, inputs)
+        } else {
+            tract_onnx::tract_hir::ops::nn::Softmax::new(self.axis).wire(prefix, model, inputs)
+        }
+    }
+}
+
+/// Softmax over a short last axis of an f32 tensor, row by row.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShortAxisSoftmax;
+
+impl Op for ShortAxisSoftmax {
+    fn name(&self) -> StaticName {
+        "ShortAxisSoftmax".into()
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for ShortAxisSoftmax {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let mut x = x.into_tensor();
+        let width = x.shape().last().copied().unwrap_or(1);
+        if width > 0 {
+            let mut view = x.try_as_plain_ram_mut()?;
+            for row in view.as_slice_mut::<f32>()?.chunks_exact_mut(width) {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for v in row.iter_mut() {
+                    *v = (*v - max).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                row.iter_mut().for_each(|v| *v *= inv);
+            }
+        }
+        Ok(tvec!(x.into_tvalue()))
+    }
+}
+
+impl TypedOp for ShortAxisSoftmax {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+/// tract's own `LayerNormalization` builder, for the cases samrt's op does not take.
+static TRACT_LAYER_NORM: OnceLock<Option<Builder>> = OnceLock::new();
+
+fn layer_normalization(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let axis: isize = node.get_attr_opt("axis")?.unwrap_or(-1);
+    let epsilon: f32 = node.get_attr_opt("epsilon")?.unwrap_or(1e-5);
+    let extra_outputs = node.output.iter().skip(1).any(|o| !o.is_empty());
+    if axis == -1 && node.input.len() == 3 && !extra_outputs {
+        return Ok((expand(LastAxisLayerNormExpansion { epsilon }), vec![]));
+    }
+    match TRACT_LAYER_NORM.get().copied().flatten() {
+        Some(builder) => builder(ctx, node),
+        None => bail!(
+            "LayerNormalization: no builder for axis {axis} with {} inputs",
+            node.input.len()
+        ),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct LastAxisLayerNormExpansion {
+    epsilon: f32,
+}
+
+impl Expansion for LastAxisLayerNormExpansion {
+    fn name(&self) -> StaticName {
+        "LastAxisLayerNorm".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, &inputs[1].datum_type)?;
+        s.equals(&inputs[0].datum_type, &inputs[2].datum_type)?;
+        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        model.wire_node(
+            prefix,
+            LastAxisLayerNorm {
+                epsilon: self.epsilon,
+            },
+            inputs,
+        )
+    }
+}
+
+/// `LayerNormalization` (ONNX, axis -1, scale and bias) in one pass per row, in f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastAxisLayerNorm {
+    pub epsilon: f32,
+}
+
+impl std::hash::Hash for LastAxisLayerNorm {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.epsilon.to_bits().hash(state)
+    }
+}
+
+impl Eq for LastAxisLayerNorm {}
+
+impl Op for LastAxisLayerNorm {
+    fn name(&self) -> StaticName {
+        "LastAxisLayerNorm".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("epsilon: {}", self.epsilon)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl EvalOp for LastAxisLayerNorm {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (x, scale, bias) = args_3!(inputs);
+        let datum_type = x.datum_type();
+        let mut x = if datum_type == f32::datum_type() {
+            x.into_tensor()
+        } else {
+            x.cast_to::<f32>()?.into_owned()
+        };
+        let scale = scale.cast_to::<f32>()?;
+        let bias = bias.cast_to::<f32>()?;
+        let width = x.shape().last().copied().unwrap_or(1);
+        let scale = scale.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        ensure!(
+            scale.len() == width && bias.len() == width,
+            "LayerNormalization: scale ({}) and bias ({}) must have the last axis' length {width}",
+            scale.len(),
+            bias.len()
+        );
+        if width > 0 {
+            let mut view = x.try_as_plain_ram_mut()?;
+            let data = view.as_slice_mut::<f32>()?;
+            for row in data.chunks_exact_mut(width) {
+                normalize_row(row, &scale, &bias, self.epsilon);
+            }
+        }
+        if datum_type != f32::datum_type() {
+            x = x.cast_to_dt(datum_type)?.into_owned();
+        }
+        Ok(tvec!(x.into_tvalue()))
+    }
+}
+
+/// Lanes of the partial sums below: wide enough for the compiler to keep them in vector registers.
+const LANES: usize = 16;
+
+/// The sum of `f(v)` over `values`, in [`LANES`] partial sums.
+fn lane_sum(values: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let mut lanes = [0.0f32; LANES];
+    let mut chunks = values.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for (lane, &v) in lanes.iter_mut().zip(chunk) {
+            *lane += f(v);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&v| f(v)).sum();
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// `(x - mean) / sqrt(var + eps) * scale + bias` over one row, variance biased (ONNX).
+fn normalize_row(row: &mut [f32], scale: &[f32], bias: &[f32], epsilon: f32) {
+    let n = row.len() as f32;
+    let mean = lane_sum(row, |v| v) / n;
+    let variance = lane_sum(row, |v| (v - mean) * (v - mean)) / n;
+    let inv_std = 1.0 / (variance + epsilon).sqrt();
+    for ((v, s), b) in row.iter_mut().zip(scale).zip(bias) {
+        *v = (*v - mean) * inv_std * s + b;
+    }
+}
+
+impl TypedOp for LastAxisLayerNorm {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 2_654_435_761usize) % 10_007) as f32 / 1000.0 - 5.0)
+            .collect()
+    }
+
+    fn run(op: impl EvalOp, inputs: TVec<TValue>) -> Vec<f32> {
+        let out = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
+        out[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn layer_norm_matches_the_onnx_definition() {
+        for (rows, width) in [(3, 1), (2, 7), (5, 16), (4, 17), (3, 256)] {
+            let x = values(rows * width, width);
+            let scale = values(width, 1);
+            let bias = values(width, 2);
+            let inputs = tvec!(
+                Tensor::from_shape(&[1, rows, width], &x)
+                    .unwrap()
+                    .into_tvalue(),
+                Tensor::from_shape(&[width], &scale).unwrap().into_tvalue(),
+                Tensor::from_shape(&[width], &bias).unwrap().into_tvalue()
+            );
+            let got = run(LastAxisLayerNorm { epsilon: 1e-6 }, inputs);
+            for (r, row) in x.chunks(width).enumerate() {
+                let mean = row.iter().map(|&v| v as f64).sum::<f64>() / width as f64;
+                let var =
+                    row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / width as f64;
+                for (i, &v) in row.iter().enumerate() {
+                    let want =
+                        (v as f64 - mean) / (var + 1e-6).sqrt() * scale[i] as f64 + bias[i] as f64;
+                    let diff = (got[r * width + i] as f64 - want).abs();
+                    assert!(diff < 1e-4 * (1.0 + want.abs()), "{rows}x{width}: {diff}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn short_axis_softmax_matches_tracts_softmax() {
+        for width in [1, 2, 7, SHORT_SOFTMAX_AXIS] {
+            let x = values(3 * 5 * width, width);
+            let input = Tensor::from_shape(&[3, 5, width], &x).unwrap();
+            let got = run(ShortAxisSoftmax, tvec!(input.clone().into_tvalue()));
+            let tract = tract_onnx::tract_core::ops::nn::Softmax {
+                axes: tvec![2],
+                ..Default::default()
+            };
+            let want = run(tract, tvec!(input.into_tvalue()));
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(diff < 1e-5, "rows of {width}: {diff}");
+            for row in got.chunks(width) {
+                assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+            }
+        }
+    }
+}
