@@ -276,10 +276,17 @@ impl DecodedTokens {
     }
 }
 
+/// The decoder image stages' results on one embedding, by [`DecoderPlan::Split`] id.
+type ImageStageCache = Arc<std::sync::Mutex<Vec<(u64, TVec<TValue>)>>>;
+
 /// An image embedding (1x256x64x64) held the way the decoder takes it: made once per image and
-/// shared by every prompt and thread without copying.
+/// shared by every prompt and thread without copying. Clones share the decoder's per-image
+/// results (see [`MaskDecoder`]), computed at the first prompt and dropped with the last clone.
 #[derive(Debug, Clone)]
-pub struct EmbeddingTensor(TValue);
+pub struct EmbeddingTensor {
+    value: TValue,
+    image_stages: ImageStageCache,
+}
 
 impl EmbeddingTensor {
     /// Wraps 256x64x64 values.
@@ -289,15 +296,39 @@ impl EmbeddingTensor {
             data,
         )
         .map_err(|e| Error::Inference(format!("image embedding: {e:#}")))?;
-        Ok(EmbeddingTensor(tensor.into_tvalue()))
+        Ok(EmbeddingTensor {
+            value: tensor.into_tvalue(),
+            image_stages: Default::default(),
+        })
     }
 
     /// The values, channel-major.
     pub fn as_slice(&self) -> &[f32] {
-        self.0
+        self.value
             .try_as_plain_ram()
             .and_then(|view| view.as_slice::<f32>())
             .expect("an embedding tensor is plain f32 by construction")
+    }
+
+    /// The outputs of image stage `stage` on this embedding, computed by `run` the first time.
+    fn image_stage(
+        &self,
+        stage: u64,
+        run: impl FnOnce(TValue) -> Result<TVec<TValue>>,
+    ) -> Result<TVec<TValue>> {
+        let lock_err = || Error::Inference("image embedding: a cache lock was poisoned".into());
+        let mut stages = self.image_stages.lock().map_err(|_| lock_err())?;
+        if let Some((_, outputs)) = stages.iter().find(|(id, _)| *id == stage) {
+            return Ok(outputs.clone());
+        }
+        let outputs = run(self.value.clone())?;
+        stages.push((stage, outputs.clone()));
+        Ok(outputs)
+    }
+
+    /// Number of decoder image stages computed on this embedding so far.
+    pub fn cached_image_stages(&self) -> usize {
+        self.image_stages.lock().map(|s| s.len()).unwrap_or(0)
     }
 }
 
@@ -339,15 +370,104 @@ impl PromptShape {
 /// Plans are specialized to the shape of the prompt: with the number of points fixed tract
 /// optimizes every shape concretely, and without a mask input the `has_mask_input` = 0 branch
 /// (the mask downscaling convolutions, multiplied by zero in the exported graph) folds into a
-/// constant. The one-point plan is built at load; others at their first use, up to
-/// [`MAX_DECODER_PLANS`], after which a plan with a symbolic point count serves the rest.
+/// constant. Without a mask input, the part of the decoder that depends on the image embedding
+/// alone (in SAM's first two-way attention layer: the image tokens plus the positional encoding,
+/// and their key, value and query projections) is split off into an image stage, run once per
+/// embedding and kept with it ([`EmbeddingTensor`]); each prompt runs only the rest. The
+/// one-point plan is built at load; others at their first use, up to [`MAX_DECODER_PLANS`], after
+/// which a plan with a symbolic point count serves the rest.
 #[derive(Debug)]
 pub struct MaskDecoder {
     /// The cut graph, with its five inputs and symbolic point count.
     model: InferenceModel,
     path: std::path::PathBuf,
-    plans: std::sync::Mutex<Vec<(PromptShape, Plan)>>,
-    any_shape: std::sync::Mutex<Option<Plan>>,
+    plans: std::sync::Mutex<Vec<(PromptShape, Arc<DecoderPlan>)>>,
+    any_shape: std::sync::Mutex<Option<Arc<DecoderPlan>>>,
+}
+
+/// One prompt shape's decoder.
+#[derive(Debug)]
+enum DecoderPlan {
+    /// The whole graph: embedding, coordinates, labels, and the mask inputs it has left.
+    Whole(Plan),
+    /// The image stage (embedding in, per-image tensors out; `id` names its results in an
+    /// embedding's cache) and the prompt stage (coordinates, labels, per-image tensors in).
+    Split {
+        id: u64,
+        image_stage: Plan,
+        prompt_stage: Plan,
+    },
+}
+
+/// Source of [`DecoderPlan::Split`] ids, unique in the process.
+static NEXT_IMAGE_STAGE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Splits a decoder graph whose only non-constant inputs are the embedding (input 0) and the
+/// prompt into the nodes computed from the embedding and constants alone (the image stage) and
+/// the rest (the prompt stage, which takes the image stage's results as extra inputs). None when
+/// the image stage would do nothing.
+fn split_image_stage(mut model: TypedModel) -> TractResult<Option<(TypedModel, TypedModel)>> {
+    use tract_onnx::tract_core::ops::konst::Const;
+    model.declutter()?;
+    let inputs = model.input_outlets()?.to_vec();
+    let outputs = model.output_outlets()?.to_vec();
+    let embedding = inputs[0];
+    let order = model.eval_order()?;
+    let mut image_only = vec![false; model.nodes().len()];
+    for &id in &order {
+        let node = model.node(id);
+        if id == embedding.node {
+            image_only[id] = true;
+        } else if !node.inputs.is_empty() {
+            let from_image = node.inputs.iter().any(|i| image_only[i.node]);
+            let image_or_const = node
+                .inputs
+                .iter()
+                .all(|i| image_only[i.node] || model.node(i.node).op_is::<Const>());
+            image_only[id] = from_image && image_or_const;
+        }
+    }
+    let mut frontier = vec![];
+    for &id in &order {
+        if !image_only[id] {
+            continue;
+        }
+        for (slot, output) in model.node(id).outputs.iter().enumerate() {
+            let outlet = OutletId::new(id, slot);
+            if outputs.contains(&outlet) || output.successors.iter().any(|s| !image_only[s.node]) {
+                frontier.push(outlet);
+            }
+        }
+    }
+    if frontier.iter().all(|o| o.node == embedding.node) {
+        return Ok(None);
+    }
+    let mut image_stage = model.clone();
+    image_stage.set_input_outlets(&[embedding])?;
+    image_stage.select_output_outlets(&frontier)?;
+    image_stage.compact()?;
+
+    let mut prompt_stage = model;
+    let mut prompt_inputs = inputs[1..].to_vec();
+    let mut prompt_outputs = outputs.clone();
+    for (i, &outlet) in frontier.iter().enumerate() {
+        let fact = prompt_stage.outlet_fact(outlet)?.without_value();
+        let source = prompt_stage.add_source(format!("image_stage.{i}"), fact)?;
+        let successors = prompt_stage.node(outlet.node).outputs[outlet.slot]
+            .successors
+            .clone();
+        for inlet in successors.into_iter().filter(|s| !image_only[s.node]) {
+            prompt_stage.add_edge(source, inlet)?;
+        }
+        for o in prompt_outputs.iter_mut().filter(|o| **o == outlet) {
+            *o = source;
+        }
+        prompt_inputs.push(source);
+    }
+    prompt_stage.set_input_outlets(&prompt_inputs)?;
+    prompt_stage.select_output_outlets(&prompt_outputs)?;
+    prompt_stage.compact()?;
+    Ok(Some((image_stage, prompt_stage)))
 }
 
 /// Follows the first input of each node back from `outlet` to the `Flatten` that feeds the
@@ -437,7 +557,7 @@ impl MaskDecoder {
     }
 
     /// The plan for prompts of `shape`, built and kept at its first use.
-    fn plan_for(&self, shape: PromptShape) -> Result<Plan> {
+    fn plan_for(&self, shape: PromptShape) -> Result<Arc<DecoderPlan>> {
         let lock_err = || Error::Inference("mask decoder: a plan cache lock was poisoned".into());
         if let Some((_, plan)) = self
             .plans
@@ -452,8 +572,7 @@ impl MaskDecoder {
         if full {
             return self.any_shape_plan();
         }
-        let typed = self.specialized_model(shape);
-        let plan = self.finish_plan(typed)?;
+        let plan = Arc::new(self.build_plan(shape)?);
         let mut plans = self.plans.lock().map_err(|_| lock_err())?;
         if !plans.iter().any(|(s, _)| *s == shape) {
             plans.push((shape, plan.clone()));
@@ -461,8 +580,35 @@ impl MaskDecoder {
         Ok(plan)
     }
 
+    fn build_plan(&self, shape: PromptShape) -> Result<DecoderPlan> {
+        let path = self.path.as_path();
+        let typed = self
+            .specialized_model(shape)
+            .map_err(|e| model_error(path, format!("cannot be typed for {shape:?}: {e:#}")))?;
+        if !shape.mask_input {
+            match split_image_stage(typed.clone()) {
+                Ok(Some((image_stage, prompt_stage))) => {
+                    let image_stage = image_stage
+                        .into_optimized()
+                        .and_then(|m| m.into_runnable())
+                        .map_err(|e| {
+                            model_error(path, format!("cannot optimize the image stage: {e:#}"))
+                        })?;
+                    return Ok(DecoderPlan::Split {
+                        id: NEXT_IMAGE_STAGE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+                        image_stage,
+                        prompt_stage: self.finish_plan(Ok(prompt_stage))?,
+                    });
+                }
+                Ok(None) => {}
+                Err(e) => log::debug!("decoder for {shape:?} not split: {e:#}"),
+            }
+        }
+        Ok(DecoderPlan::Whole(self.finish_plan(Ok(typed))?))
+    }
+
     /// The plan with a symbolic point count and every input, built at its first use.
-    fn any_shape_plan(&self) -> Result<Plan> {
+    fn any_shape_plan(&self) -> Result<Arc<DecoderPlan>> {
         let mut any = self
             .any_shape
             .lock()
@@ -470,7 +616,9 @@ impl MaskDecoder {
         if let Some(plan) = any.as_ref() {
             return Ok(plan.clone());
         }
-        let plan = self.finish_plan(self.model.clone().into_typed())?;
+        let plan = Arc::new(DecoderPlan::Whole(
+            self.finish_plan(self.model.clone().into_typed())?,
+        ));
         *any = Some(plan.clone());
         Ok(plan)
     }
@@ -548,35 +696,57 @@ impl MaskDecoder {
             points: n,
             mask_input: input.mask_input.is_some(),
         };
-        self.decode_with(self.plan_for(shape)?, input)
+        self.decode_with(&*self.plan_for(shape)?, input)
     }
 
-    fn decode_with(&self, plan: Plan, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
+    fn decode_with(&self, plan: &DecoderPlan, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
         let n = input.point_labels.len();
-        let specialized = plan.model().input_outlets().map_or(0, |i| i.len()) < 5;
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
         let coords = Tensor::from_shape(&[1, n, 2], input.point_coords).map_err(err)?;
         let labels = Tensor::from_shape(&[1, n], input.point_labels).map_err(err)?;
-        let mut inputs = tvec!(
-            input.embedding.0.clone(),
-            coords.into_tvalue(),
-            labels.into_tvalue()
-        );
         let mask_tensor = |mask: Option<&[f32]>| match mask {
             Some(m) => Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m),
             None => Tensor::zero::<f32>(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE]),
         };
-        if !specialized {
-            let has_mask = f32::from(u8::from(input.mask_input.is_some()));
-            inputs.push(mask_tensor(input.mask_input).map_err(err)?.into_tvalue());
-            inputs.push(
-                Tensor::from_shape(&[1], &[has_mask])
-                    .map_err(err)?
-                    .into_tvalue(),
-            );
-        } else if input.mask_input.is_some() {
-            inputs.push(mask_tensor(input.mask_input).map_err(err)?.into_tvalue());
-        }
+        let (plan, inputs) = match plan {
+            DecoderPlan::Split {
+                id,
+                image_stage,
+                prompt_stage,
+            } => {
+                if input.mask_input.is_some() {
+                    return Err(Error::Inference(
+                        "mask decoder: a plan without mask input was given a mask".into(),
+                    ));
+                }
+                let per_image = input.embedding.image_stage(*id, |embedding| {
+                    image_stage.run(tvec!(embedding)).map_err(err)
+                })?;
+                let mut inputs = tvec!(coords.into_tvalue(), labels.into_tvalue());
+                inputs.extend(per_image);
+                (prompt_stage, inputs)
+            }
+            DecoderPlan::Whole(plan) => {
+                let mut inputs = tvec!(
+                    input.embedding.value.clone(),
+                    coords.into_tvalue(),
+                    labels.into_tvalue()
+                );
+                let constant_masks = plan.model().input_outlets().map_or(0, |i| i.len()) < 5;
+                if !constant_masks {
+                    let has_mask = f32::from(u8::from(input.mask_input.is_some()));
+                    inputs.push(mask_tensor(input.mask_input).map_err(err)?.into_tvalue());
+                    inputs.push(
+                        Tensor::from_shape(&[1], &[has_mask])
+                            .map_err(err)?
+                            .into_tvalue(),
+                    );
+                } else if input.mask_input.is_some() {
+                    inputs.push(mask_tensor(input.mask_input).map_err(err)?.into_tvalue());
+                }
+                (plan, inputs)
+            }
+        };
         let outputs = plan.run(inputs).map_err(err)?;
         let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
         let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
@@ -698,6 +868,82 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    fn op_names(plan: &DecoderPlan) -> Vec<String> {
+        let stages = match plan {
+            DecoderPlan::Whole(plan) => vec![plan],
+            DecoderPlan::Split {
+                image_stage,
+                prompt_stage,
+                ..
+            } => vec![image_stage, prompt_stage],
+        };
+        stages
+            .iter()
+            .flat_map(|p| p.model().nodes().iter().map(|n| n.op.name().to_string()))
+            .collect()
+    }
+
+    /// Without a mask input the decoder is split: the image stage runs once per embedding (and
+    /// its clones), the prompt stage per prompt, and the result is the whole graph's.
+    #[test]
+    fn image_stage_runs_once_per_embedding() {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.decoder).expect("decoder bytes");
+        let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &bytes).expect("decoder");
+        let plan = decoder.plan_for(PromptShape::ONE_POINT).unwrap();
+        let DecoderPlan::Split {
+            image_stage,
+            prompt_stage,
+            ..
+        } = &*plan
+        else {
+            panic!("the one-point plan is not split: {plan:?}");
+        };
+        let image_inputs = image_stage.model().input_outlets().unwrap().len();
+        let prompt_inputs = prompt_stage.model().input_outlets().unwrap().len();
+        assert_eq!(image_inputs, 1, "the image stage takes the embedding alone");
+        assert!(
+            prompt_inputs > 2,
+            "the prompt stage takes per-image tensors"
+        );
+        let values: Vec<f32> = (0..EMBEDDING_LEN)
+            .map(|i| ((i * 104_729) % 3001) as f32 / 3000.0 - 0.5)
+            .collect();
+        let embedding = EmbeddingTensor::new(&values).unwrap();
+        let shared = embedding.clone();
+        let whole = DecoderPlan::Whole(
+            decoder
+                .finish_plan(decoder.specialized_model(PromptShape::ONE_POINT))
+                .unwrap(),
+        );
+        for (i, point) in [[300.0f32, 200.0], [10.0, 1000.0], [512.0, 512.0]]
+            .iter()
+            .enumerate()
+        {
+            let coords = [point[0], point[1], 0.0, 0.0];
+            let input = |embedding| DecoderInput {
+                embedding,
+                point_coords: &coords,
+                point_labels: &[1.0, -1.0],
+                mask_input: None,
+            };
+            let first = if i % 2 == 0 { &embedding } else { &shared };
+            let split = decoder.decode(&input(first)).unwrap();
+            let reference = decoder.decode_with(&whole, &input(first)).unwrap();
+            let diff = max_diff(&split.low_res_logits, &reference.low_res_logits);
+            assert!(
+                diff < 1e-3,
+                "point {point:?}: split logits differ by {diff}"
+            );
+            let diff = max_diff(&split.iou_predictions, &reference.iou_predictions);
+            assert!(diff < 1e-4, "point {point:?}: split IoU differs by {diff}");
+            assert_eq!(embedding.cached_image_stages(), 1);
+        }
+        let other =
+            EmbeddingTensor::new(&values[..].iter().map(|v| -v).collect::<Vec<_>>()).unwrap();
+        assert_eq!(other.cached_image_stages(), 0);
+    }
+
     /// Every specialized plan computes what the plan with a symbolic point count and every input
     /// computes; past MAX_DECODER_PLANS shapes the cache stops growing and prompts still decode.
     #[test]
@@ -737,7 +983,7 @@ mod tests {
                 };
                 let specialized = decoder.decode(&input).unwrap();
                 let symbolic = decoder
-                    .decode_with(decoder.any_shape_plan().unwrap(), &input)
+                    .decode_with(&decoder.any_shape_plan().unwrap(), &input)
                     .unwrap();
                 let diff = max_diff(&specialized.low_res_logits, &symbolic.low_res_logits);
                 assert!(
@@ -782,14 +1028,7 @@ mod tests {
         let diff = max_diff(&a.low_res_logits, &b.low_res_logits);
         assert!(diff < 1e-3, "decoder logits differ by {diff}");
         assert!(max_diff(&a.iou_predictions, &b.iou_predictions) < 1e-4);
-        let names = |plan: &Plan| -> Vec<String> {
-            plan.model()
-                .nodes()
-                .iter()
-                .map(|n| n.op.name().to_string())
-                .collect()
-        };
-        let ours_ops = names(&ours.plan_for(PromptShape::ONE_POINT).unwrap());
+        let ours_ops = op_names(&ours.plan_for(PromptShape::ONE_POINT).unwrap());
         assert!(
             ours_ops.iter().any(|n| n == "LastAxisLayerNorm"),
             "{ours_ops:?}"
