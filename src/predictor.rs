@@ -116,10 +116,13 @@ impl SamPredictor {
         Ok(preprocess(image, &self.pixel_stats))
     }
 
-    /// Runs the image encoder on a preprocessed image.
+    /// Runs the image encoder on a preprocessed image, then the decoder's per-image stage (see
+    /// [`MaskDecoder`]), so every prompt on the embedding costs the same.
     pub fn encode(&self, image: &PreprocessedImage) -> Result<Embedding> {
+        let tensor = EmbeddingTensor::new(&self.encoder.embed(&image.tensor)?)?;
+        self.decoder.prepare(&tensor)?;
         Ok(Embedding {
-            tensor: EmbeddingTensor::new(&self.encoder.embed(&image.tensor)?)?,
+            tensor,
             original_size: image.original_size,
             input_size: image.input_size,
         })

@@ -685,8 +685,10 @@ fn soak_thousand_frames_with_flat_memory() {
             >= baseline["frames_captured"].as_u64().unwrap() + 1000)
             .then_some(s)
     });
-    // RSS swings by the encoder's working set (~80 MB) within each frame; a leak raises the
-    // floor between encodes. Compare the floors of the first and last thirds of the run.
+    // RSS swings by the encoder's working set (~80 MB) within each frame, and a floor may hold
+    // one more embedding with its decoder image stage (~20 MB) than another; a leak raises the
+    // floor by far more over 1000 frames (a frame is 230 KB, an encoded frame ≥ 20 MB). Compare
+    // the floors of the first and last thirds of the run.
     let third = rss.len() / 3;
     assert!(third >= 3, "too few samples: {rss:?}");
     let floor = |part: &[u64]| *part.iter().min().unwrap() as f64 / (1 << 20) as f64;
@@ -697,7 +699,7 @@ fn soak_thousand_frames_with_flat_memory() {
         rss.len()
     );
     assert!(
-        last - first < 16.0,
+        last - first < 40.0,
         "memory grew from {first:.0} MB to {last:.0} MB over 1000 frames: {rss:?}"
     );
     assert!(peak < 1024, "peak RSS {peak} MB");

@@ -684,6 +684,23 @@ impl MaskDecoder {
             .map_err(|e| model_error(path, format!("cannot build the decoder plan: {e:#}")))
     }
 
+    /// Runs the one-point plan's image stage on `embedding` and keeps its results there, so the
+    /// first prompt on an embedding costs what every later one does (the encoder's thread pays
+    /// instead of the prompt's).
+    pub fn prepare(&self, embedding: &EmbeddingTensor) -> Result<()> {
+        if let DecoderPlan::Split {
+            id, image_stage, ..
+        } = &*self.plan_for(PromptShape::ONE_POINT)?
+        {
+            embedding.image_stage(*id, |value| {
+                image_stage
+                    .run(tvec!(value))
+                    .map_err(|e| Error::Inference(format!("mask decoder image stage: {e:#}")))
+            })?;
+        }
+        Ok(())
+    }
+
     /// Number of specialized plans built so far.
     pub fn specialized_plans(&self) -> usize {
         self.plans.lock().map(|p| p.len()).unwrap_or(0)
@@ -911,6 +928,13 @@ mod tests {
             .collect();
         let embedding = EmbeddingTensor::new(&values).unwrap();
         let shared = embedding.clone();
+        assert_eq!(embedding.cached_image_stages(), 0);
+        decoder.prepare(&shared).unwrap();
+        assert_eq!(
+            embedding.cached_image_stages(),
+            1,
+            "clones share the image stage"
+        );
         let whole = DecoderPlan::Whole(
             decoder
                 .finish_plan(decoder.specialized_model(PromptShape::ONE_POINT))
