@@ -86,6 +86,21 @@ fn config_in(dir: &TempDir, edit: impl FnOnce(&mut toml::Table)) -> PathBuf {
     path
 }
 
+/// The photo as the frame source, prompted at one fixed point (on the person) every frame.
+fn photo_with_a_fixed_point(config: &mut toml::Table) {
+    set(config, "source.files.path", photo().display().to_string());
+    set(
+        config,
+        "prompts.fixed.points",
+        toml::Value::try_from(vec![[264.0, 240.0]]).unwrap(),
+    );
+    set(config, "prompts.fixed.every_n_frames", 1);
+}
+
+fn photo() -> PathBuf {
+    data_dir().join("images/grace_hopper.jpg")
+}
+
 fn set(config: &mut toml::Table, dotted: &str, value: impl Into<toml::Value>) {
     let mut keys: Vec<&str> = dotted.split('.').collect();
     let last = keys.pop().unwrap();
@@ -449,10 +464,7 @@ fn faults_are_reported_and_the_service_keeps_running() {
     let dir = TempDir::new("faults");
     let frames = dir.join("frames");
     std::fs::create_dir_all(&frames).unwrap();
-    copy(
-        &data_dir().join("images/grace_hopper.jpg"),
-        &frames.join("a.jpg"),
-    );
+    copy(&photo(), &frames.join("a.jpg"));
     let jpeg = std::fs::read(data_dir().join("images/rocket.jpg")).unwrap();
     std::fs::write(frames.join("b.jpg"), &jpeg[..jpeg.len() / 3]).unwrap();
     std::fs::write(frames.join("c.png"), b"\x89PNG\r\n\x1a\nnot really").unwrap();
@@ -724,21 +736,8 @@ fn soak_thousand_frames_with_flat_memory() {
 fn detector_fixed_points_and_long_press_prompt_every_frame() {
     let dir = TempDir::new("prompts");
     let config = config_in(&dir, |c| {
-        set(
-            c,
-            "source.files.path",
-            data_dir()
-                .join("images/grace_hopper.jpg")
-                .display()
-                .to_string(),
-        );
+        photo_with_a_fixed_point(c);
         set(c, "source.files.fps", 1.0);
-        set(
-            c,
-            "prompts.fixed.points",
-            toml::Value::try_from(vec![[264.0, 240.0]]).unwrap(),
-        );
-        set(c, "prompts.fixed.every_n_frames", 1);
         set(c, "prompts.detector.enabled", true);
         set(
             c,
@@ -999,22 +998,9 @@ fn board_configs_follow_the_schema() {
 fn a_finished_source_without_control_socket_ends_the_service() {
     let dir = TempDir::new("finished");
     let config = config_in(&dir, |c| {
-        set(
-            c,
-            "source.files.path",
-            data_dir()
-                .join("images/grace_hopper.jpg")
-                .display()
-                .to_string(),
-        );
+        photo_with_a_fixed_point(c);
         set(c, "source.files.loop", false);
         set(c, "control.socket", "");
-        set(
-            c,
-            "prompts.fixed.points",
-            toml::Value::try_from(vec![[264.0, 240.0]]).unwrap(),
-        );
-        set(c, "prompts.fixed.every_n_frames", 1);
     });
     let output = Command::new(env!("CARGO_BIN_EXE_samrt"))
         .args(["run", "--config"])

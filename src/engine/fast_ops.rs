@@ -11,29 +11,59 @@
 
 use std::sync::OnceLock;
 
-use tract_onnx::model::ParsingContext;
+use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
-type Builder = fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
-
 /// tract's ONNX parser with samrt's operators registered.
 pub fn onnx() -> tract_onnx::Onnx {
     let mut onnx = tract_onnx::onnx();
-    let _ = TRACT_LAYER_NORM.set(onnx.op_register.0.get("LayerNormalization").copied());
+    TRACT_OPS.get_or_init(|| onnx.op_register.clone());
     onnx.op_register
         .insert("LayerNormalization", layer_normalization);
-    let _ = TRACT_SOFTMAX.set(onnx.op_register.0.get("Softmax").copied());
     onnx.op_register.insert("Softmax", softmax);
     onnx
 }
 
+/// tract's own operator builders, for the cases samrt's operators do not take.
+static TRACT_OPS: OnceLock<OnnxOpRegister> = OnceLock::new();
+
+/// Builds `node` with tract's own builder for its operator.
+fn tract_op(
+    ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    match TRACT_OPS.get().and_then(|ops| ops.0.get(&node.op_type)) {
+        Some(builder) => builder(ctx, node),
+        None => bail!("{}: tract has no builder for it", node.op_type),
+    }
+}
+
+/// Inference rules of an operator whose inputs all have the output's type and whose first input
+/// has the output's shape.
+fn same_type_and_shape<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+    arity: usize,
+) -> InferenceResult {
+    check_input_arity(inputs, arity)?;
+    check_output_arity(outputs, 1)?;
+    for input in inputs {
+        s.equals(&input.datum_type, &outputs[0].datum_type)?;
+    }
+    s.equals(&inputs[0].shape, &outputs[0].shape)?;
+    Ok(())
+}
+
+/// The output fact of an operator that keeps its first input's type and shape.
+fn like_first_input(inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+    Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())))
+}
+
 /// The longest last axis [`ShortAxisSoftmax`] takes.
 pub const SHORT_SOFTMAX_AXIS: usize = 16;
-
-/// tract's own `Softmax` builder (opset < 13 has other semantics: flatten from `axis`).
-static TRACT_SOFTMAX: OnceLock<Option<Builder>> = OnceLock::new();
 
 fn softmax(
     ctx: &ParsingContext,
@@ -43,13 +73,8 @@ fn softmax(
         let axis: isize = node.get_attr_opt("axis")?.unwrap_or(-1);
         return Ok((expand(SoftmaxExpansion { axis }), vec![]));
     }
-    match TRACT_SOFTMAX.get().copied().flatten() {
-        Some(builder) => builder(ctx, node),
-        None => bail!(
-            "Softmax: no builder for opset {}",
-            ctx.onnx_operator_set_version
-        ),
-    }
+    // Before opset 13 Softmax flattens from `axis`: tract's.
+    tract_op(ctx, node)
 }
 
 /// ONNX `Softmax` (opset 13+): samrt's op on a short last f32 axis, tract's otherwise.
@@ -69,11 +94,7 @@ impl Expansion for SoftmaxExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        same_type_and_shape(s, inputs, outputs, 1)
     }
 
     fn wire(
@@ -134,14 +155,11 @@ impl EvalOp for ShortAxisSoftmax {
 
 impl TypedOp for ShortAxisSoftmax {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())))
+        like_first_input(inputs)
     }
 
     as_op!();
 }
-
-/// tract's own `LayerNormalization` builder, for the cases samrt's op does not take.
-static TRACT_LAYER_NORM: OnceLock<Option<Builder>> = OnceLock::new();
 
 fn layer_normalization(
     ctx: &ParsingContext,
@@ -153,13 +171,7 @@ fn layer_normalization(
     if axis == -1 && node.input.len() == 3 && !extra_outputs {
         return Ok((expand(LastAxisLayerNormExpansion { epsilon }), vec![]));
     }
-    match TRACT_LAYER_NORM.get().copied().flatten() {
-        Some(builder) => builder(ctx, node),
-        None => bail!(
-            "LayerNormalization: no builder for axis {axis} with {} inputs",
-            node.input.len()
-        ),
-    }
+    tract_op(ctx, node)
 }
 
 #[derive(Debug, Clone)]
@@ -178,13 +190,7 @@ impl Expansion for LastAxisLayerNormExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, &inputs[1].datum_type)?;
-        s.equals(&inputs[0].datum_type, &inputs[2].datum_type)?;
-        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[0].shape, &outputs[0].shape)?;
-        Ok(())
+        same_type_and_shape(s, inputs, outputs, 3)
     }
 
     fn wire(
@@ -294,7 +300,7 @@ fn normalize_row(row: &mut [f32], scale: &[f32], bias: &[f32], epsilon: f32) {
 
 impl TypedOp for LastAxisLayerNorm {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())))
+        like_first_input(inputs)
     }
 
     as_op!();

@@ -559,18 +559,15 @@ impl MaskDecoder {
     /// The plan for prompts of `shape`, built and kept at its first use.
     fn plan_for(&self, shape: PromptShape) -> Result<Arc<DecoderPlan>> {
         let lock_err = || Error::Inference("mask decoder: a plan cache lock was poisoned".into());
-        if let Some((_, plan)) = self
-            .plans
-            .lock()
-            .map_err(|_| lock_err())?
-            .iter()
-            .find(|(s, _)| *s == shape)
         {
-            return Ok(plan.clone());
-        }
-        let full = self.plans.lock().map_err(|_| lock_err())?.len() >= MAX_DECODER_PLANS;
-        if full {
-            return self.any_shape_plan();
+            let plans = self.plans.lock().map_err(|_| lock_err())?;
+            if let Some((_, plan)) = plans.iter().find(|(s, _)| *s == shape) {
+                return Ok(plan.clone());
+            }
+            if plans.len() >= MAX_DECODER_PLANS {
+                drop(plans);
+                return self.any_shape_plan();
+            }
         }
         let plan = Arc::new(self.build_plan(shape)?);
         let mut plans = self.plans.lock().map_err(|_| lock_err())?;
@@ -885,6 +882,19 @@ mod tests {
             .fold(0.0, f32::max)
     }
 
+    fn default_decoder() -> MaskDecoder {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.decoder).expect("decoder bytes");
+        MaskDecoder::from_onnx_bytes(&files.decoder, &bytes).expect("decoder")
+    }
+
+    /// Deterministic embedding values in [-0.5, 0.5]: `(i * step) % period` scaled.
+    fn embedding_values(step: usize, period: usize) -> Vec<f32> {
+        (0..EMBEDDING_LEN)
+            .map(|i| ((i * step) % period) as f32 / (period - 1) as f32 - 0.5)
+            .collect()
+    }
+
     fn op_names(plan: &DecoderPlan) -> Vec<String> {
         let stages = match plan {
             DecoderPlan::Whole(plan) => vec![plan],
@@ -904,9 +914,7 @@ mod tests {
     /// its clones), the prompt stage per prompt, and the result is the whole graph's.
     #[test]
     fn image_stage_runs_once_per_embedding() {
-        let files = crate::model::ModelFiles::default_model().expect("default model");
-        let bytes = std::fs::read(&files.decoder).expect("decoder bytes");
-        let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &bytes).expect("decoder");
+        let decoder = default_decoder();
         let plan = decoder.plan_for(PromptShape::ONE_POINT).unwrap();
         let DecoderPlan::Split {
             image_stage,
@@ -923,9 +931,7 @@ mod tests {
             prompt_inputs > 2,
             "the prompt stage takes per-image tensors"
         );
-        let values: Vec<f32> = (0..EMBEDDING_LEN)
-            .map(|i| ((i * 104_729) % 3001) as f32 / 3000.0 - 0.5)
-            .collect();
+        let values = embedding_values(104_729, 3001);
         let embedding = EmbeddingTensor::new(&values).unwrap();
         let shared = embedding.clone();
         assert_eq!(embedding.cached_image_stages(), 0);
@@ -972,17 +978,13 @@ mod tests {
     /// computes; past MAX_DECODER_PLANS shapes the cache stops growing and prompts still decode.
     #[test]
     fn specialized_decoder_plans_match_the_symbolic_plan() {
-        let files = crate::model::ModelFiles::default_model().expect("default model");
-        let bytes = std::fs::read(&files.decoder).expect("decoder bytes");
-        let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &bytes).expect("decoder");
+        let decoder = default_decoder();
         assert_eq!(
             decoder.specialized_plans(),
             1,
             "the one-point plan is built at load"
         );
-        let values: Vec<f32> = (0..EMBEDDING_LEN)
-            .map(|i| ((i * 7919) % 2001) as f32 / 2000.0 - 0.5)
-            .collect();
+        let values = embedding_values(7919, 2001);
         let embedding = EmbeddingTensor::new(&values).unwrap();
         let mut previous: Option<Vec<f32>> = None;
         for points in 1..=MAX_DECODER_PLANS / 2 + 2 {
@@ -1036,9 +1038,7 @@ mod tests {
             tract_onnx::onnx().model_for_read(&mut &*bytes).unwrap()
         };
         let samrt = |path: &Path| parse_onnx(path, &std::fs::read(path).unwrap()).unwrap();
-        let values: Vec<f32> = (0..EMBEDDING_LEN)
-            .map(|i| ((i * 7919) % 2001) as f32 / 2000.0 - 0.5)
-            .collect();
+        let values = embedding_values(7919, 2001);
         let embedding = EmbeddingTensor::new(&values).unwrap();
         let ours = MaskDecoder::from_model(&files.decoder, samrt(&files.decoder)).unwrap();
         let theirs = MaskDecoder::from_model(&files.decoder, tract_only(&files.decoder)).unwrap();
