@@ -104,6 +104,10 @@ struct BenchArgs {
     /// Threads (tract's matrix products, and parallel decoding for `everything`).
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// After the timed runs, profile one encoder run and print the time of each operator kind
+    /// and of the slowest nodes on stderr (`encoder` only).
+    #[arg(long)]
+    profile: bool,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -790,6 +794,42 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// Prints a per-operator profile on stderr: totals by operator kind, then the slowest nodes.
+fn print_profile(timings: &[samrt::engine::OpTiming]) {
+    let total: f64 = timings.iter().map(|t| t.elapsed.as_secs_f64()).sum();
+    let mut by_op: Vec<(String, usize, f64)> = Vec::new();
+    for t in timings {
+        let ms = t.elapsed.as_secs_f64() * 1e3;
+        match by_op.iter_mut().find(|(op, _, _)| *op == t.op) {
+            Some(entry) => {
+                entry.1 += 1;
+                entry.2 += ms;
+            }
+            None => by_op.push((t.op.clone(), 1, ms)),
+        }
+    }
+    by_op.sort_by(|a, b| b.2.total_cmp(&a.2));
+    eprintln!("profile: {:.1} ms in {} nodes", total * 1e3, timings.len());
+    for (op, calls, ms) in &by_op {
+        eprintln!(
+            "{ms:10.2} ms {:5.1}% {calls:5}x  {op}",
+            100.0 * ms / (total * 1e3)
+        );
+    }
+    let mut nodes: Vec<_> = timings.iter().collect();
+    nodes.sort_by_key(|t| std::cmp::Reverse(t.elapsed));
+    eprintln!("slowest nodes:");
+    for t in nodes.iter().take(25) {
+        eprintln!(
+            "{:10.2} ms  {}  {}  {}",
+            t.elapsed.as_secs_f64() * 1e3,
+            t.op,
+            t.node,
+            t.info
+        );
+    }
+}
+
 fn bench(args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
@@ -850,6 +890,12 @@ fn bench(args: &BenchArgs) -> Result<()> {
         let start = Instant::now();
         run_once()?;
         ms.push(millis(start));
+    }
+    if args.profile {
+        if !matches!(args.case, BenchCase::Encoder) {
+            bail!("--profile profiles the encoder: use it with `samrt bench encoder`");
+        }
+        print_profile(&predictor.profile_encoder(&preprocessed)?);
     }
     let report = BenchJson {
         case: args.case,

@@ -128,6 +128,14 @@ impl SamPredictor {
         })
     }
 
+    /// Runs the image encoder once, timing each operator of its plan (`samrt bench --profile`).
+    pub fn profile_encoder(
+        &self,
+        image: &PreprocessedImage,
+    ) -> Result<Vec<crate::engine::OpTiming>> {
+        self.encoder.profile(&image.tensor)
+    }
+
     /// Preprocesses and encodes an image: the once-per-frame step.
     pub fn embed(&self, image: &RgbImage) -> Result<Embedding> {
         self.encode(&self.preprocess(image)?)

@@ -8,12 +8,16 @@
 //! - `Softmax` over a short last axis (at most [`SHORT_SOFTMAX_AXIS`] values): tract's softmax is
 //!   built for long rows; the decoder's image-to-token attention has rows of 7 (8 heads x 4096
 //!   image tokens), ~4 ms a layer. Longer rows stay with tract's.
+//!
+//! Both split their rows over tract's thread pool (`par_chunks_mut`: whole rows per task, so
+//! results do not depend on the thread count). Attention is in [`super::attention`].
 
 use std::sync::OnceLock;
 
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 /// tract's ONNX parser with samrt's operators registered.
@@ -23,6 +27,8 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx.op_register
         .insert("LayerNormalization", layer_normalization);
     onnx.op_register.insert("Softmax", softmax);
+    onnx.op_register
+        .insert(super::attention::OP_TYPE, super::attention::build);
     onnx
 }
 
@@ -138,16 +144,21 @@ impl EvalOp for ShortAxisSoftmax {
         let width = x.shape().last().copied().unwrap_or(1);
         if width > 0 {
             let mut view = x.try_as_plain_ram_mut()?;
-            for row in view.as_slice_mut::<f32>()?.chunks_exact_mut(width) {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut sum = 0.0;
-                for v in row.iter_mut() {
-                    *v = (*v - max).exp();
-                    sum += *v;
+            let data = view.as_slice_mut::<f32>()?;
+            let len = data.len();
+            par_chunks_mut(data, width, len, |_, rows| {
+                for row in rows.chunks_exact_mut(width) {
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let mut sum = 0.0;
+                    for v in row.iter_mut() {
+                        *v = (*v - max).exp();
+                        sum += *v;
+                    }
+                    let inv = 1.0 / sum;
+                    row.iter_mut().for_each(|v| *v *= inv);
                 }
-                let inv = 1.0 / sum;
-                row.iter_mut().for_each(|v| *v *= inv);
-            }
+                Ok(())
+            })?;
         }
         Ok(tvec!(x.into_tvalue()))
     }
@@ -260,9 +271,13 @@ impl EvalOp for LastAxisLayerNorm {
         if width > 0 {
             let mut view = x.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
-            for row in data.chunks_exact_mut(width) {
-                normalize_row(row, &scale, &bias, self.epsilon);
-            }
+            let len = data.len();
+            par_chunks_mut(data, width, len, |_, rows| {
+                for row in rows.chunks_exact_mut(width) {
+                    normalize_row(row, &scale, &bias, self.epsilon);
+                }
+                Ok(())
+            })?;
         }
         if datum_type != f32::datum_type() {
             x = x.cast_to_dt(datum_type)?.into_owned();

@@ -9,7 +9,10 @@
 //!   and the single-mask selection are dropped; both are done in Rust by the caller. Plans are
 //!   specialized per prompt shape (number of points, mask input or not) and kept.
 
+mod attention;
 mod fast_ops;
+
+pub use attention::peak_scratch_values as attention_peak_scratch_values;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -71,22 +74,41 @@ fn model_error(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
+    Ok(parse_onnx_fused(path, bytes, false)?.0)
+}
+
+/// Parses an ONNX file; with `fuse_attention`, attention subgraphs become samrt's operator
+/// first ([`attention::fuse`]). Returns the model and how many attention blocks were fused.
+fn parse_onnx_fused(
+    path: &Path,
+    bytes: &[u8],
+    fuse_attention: bool,
+) -> Result<(InferenceModel, usize)> {
     if bytes.is_empty() {
         return Err(model_error(
             path,
             "the file is empty (re-copy the model file)",
         ));
     }
-    let model = fast_ops::onnx().model_for_read(&mut &*bytes).map_err(|e| {
+    let unreadable = |e: TractError| {
         model_error(
             path,
             format!(
                 "not a readable ONNX model, or truncated ({e:#}); re-copy or re-export the file"
             ),
         )
-    })?;
+    };
+    let onnx = fast_ops::onnx();
+    let mut proto = onnx
+        .proto_model_for_read(&mut &*bytes)
+        .map_err(unreadable)?;
+    let fused = match proto.graph.as_mut() {
+        Some(graph) if fuse_attention => attention::fuse(graph),
+        _ => 0,
+    };
+    let model = onnx.model_for_proto_model(&proto).map_err(unreadable)?;
     reject_known_miscompilations(path, &model)?;
-    Ok(model)
+    Ok((model, fused))
 }
 
 /// Refuses graphs that tract 0.23 is known to compute wrong. A Softmax between a
@@ -167,15 +189,61 @@ fn shape_of(fact: &TypedFact) -> Vec<String> {
 #[derive(Debug)]
 pub struct ImageEncoder {
     plan: Plan,
+    fused_attention: usize,
+}
+
+/// How the image encoder's plan is built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EncoderOptions {
+    /// Attention blocks as samrt's fused operator (`engine::attention`) instead of tract's
+    /// operators. On by default; `SAMRT_FUSED_ATTENTION=0` turns it off (for measuring).
+    pub fused_attention: bool,
+}
+
+impl Default for EncoderOptions {
+    fn default() -> Self {
+        EncoderOptions {
+            fused_attention: std::env::var("SAMRT_FUSED_ATTENTION").map_or(true, |v| v != "0"),
+        }
+    }
 }
 
 impl ImageEncoder {
     /// Builds the optimized plan from the bytes of an ONNX file (`path` is for messages).
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
-        Self::from_model(path, parse_onnx(path, bytes)?)
+        Self::from_onnx_bytes_with(path, bytes, EncoderOptions::default())
     }
 
-    fn from_model(path: &Path, model: InferenceModel) -> Result<Self> {
+    /// [`Self::from_onnx_bytes`] with explicit options.
+    pub fn from_onnx_bytes_with(
+        path: &Path,
+        bytes: &[u8],
+        options: EncoderOptions,
+    ) -> Result<Self> {
+        let (model, fused) = parse_onnx_fused(path, bytes, options.fused_attention)?;
+        if fused == 0 {
+            return Self::from_model(path, model, 0);
+        }
+        match Self::from_model(path, model, fused) {
+            Ok(encoder) => Ok(encoder),
+            Err(e) => {
+                // A subgraph that looked like attention but whose shapes do not fit samrt's
+                // operator: tract's own operators compute it.
+                log::warn!(
+                    "{}: attention not fused ({e}); using tract's operators",
+                    path.display()
+                );
+                Self::from_model(path, parse_onnx(path, bytes)?, 0)
+            }
+        }
+    }
+
+    /// Number of attention blocks that run as samrt's fused operator.
+    pub fn fused_attention_blocks(&self) -> usize {
+        self.fused_attention
+    }
+
+    fn from_model(path: &Path, model: InferenceModel, fused_attention: usize) -> Result<Self> {
         let inputs = model
             .input_outlets()
             .map_err(|e| model_error(path, e.to_string()))?
@@ -237,7 +305,10 @@ impl ImageEncoder {
             .and_then(|knobs| knobs.enter(|| typed.into_optimized()))
             .and_then(|m| m.into_runnable())
             .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
-        Ok(ImageEncoder { plan })
+        Ok(ImageEncoder {
+            plan,
+            fused_attention,
+        })
     }
 
     /// Runs the encoder on a normalized, padded CHW image of 3x1024x1024 values.
@@ -252,6 +323,47 @@ impl ImageEncoder {
         to_f32_vec(&outputs[0])
             .map_err(|e| Error::Inference(format!("image encoder output: {e:#}")))
     }
+
+    /// Runs the encoder once like [`Self::embed`], timing each operator of its plan.
+    pub fn profile(&self, image_chw: &[f32]) -> Result<Vec<OpTiming>> {
+        let shape = [1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE];
+        let input = Tensor::from_shape(&shape, image_chw)
+            .map_err(|e| Error::Inference(format!("encoder input: {e:#}")))?;
+        profile_plan(&self.plan, tvec!(input.into_tvalue()))
+    }
+}
+
+/// Time one operator of a plan took over a profiled run (see [`ImageEncoder::profile`]).
+#[derive(Debug, Clone)]
+pub struct OpTiming {
+    /// The operator's name in tract's plan (e.g. `OptMatMul`, `Add`, samrt's `SamrtAttention`).
+    pub op: String,
+    /// The node's name (the ONNX node it came from, for the per-node view).
+    pub node: String,
+    /// What tract says of the operator (shapes, kernel).
+    pub info: String,
+    pub elapsed: std::time::Duration,
+}
+
+/// Runs `plan` once, timing every node (tract's per-operator profile).
+fn profile_plan(plan: &Plan, inputs: TVec<TValue>) -> Result<Vec<OpTiming>> {
+    let err = |e: TractError| Error::Inference(format!("profiling: {e:#}"));
+    let mut state = tract_onnx::tract_core::plan::SimpleState::new(plan).map_err(err)?;
+    let mut timings = Vec::new();
+    state
+        .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+            let start = std::time::Instant::now();
+            let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+            timings.push(OpTiming {
+                op: node.op().name().to_string(),
+                node: node.name.clone(),
+                info: node.op().info().unwrap_or_default().join("; "),
+                elapsed: start.elapsed(),
+            });
+            out
+        })
+        .map_err(err)?;
+    Ok(timings)
 }
 
 /// Logits and predicted IoU of every mask token the decoder has (4 for SAM: token 0 is the

@@ -1,0 +1,1366 @@
+//! Attention as one samrt operator: `softmax(q·kᵀ · scale + bias) · v`, for the image encoders'
+//! windowed and global attention blocks.
+//!
+//! tract runs SAM's attention as five to nine operators, each a pass over a heads x queries x keys
+//! score tensor: two matrix products, the scale, the bias (TinyViT's learned attention biases;
+//! ViT-B's decomposed relative-position bias, two broadcast adds over a 5-d view), the softmax,
+//! and the transposes around them. For ViT-B's global blocks that score tensor is 12 x 4096 x 4096
+//! floats (805 MB), and tract's broadcast adds are not vectorized on these shapes.
+//!
+//! [`fuse`] finds the subgraph in the ONNX graph before tract parses it and replaces it by one
+//! `SamrtAttention` node. [`Attention`] computes it block by block: for each batch x head (or
+//! window x head) it packs keys and values once, then takes query rows in blocks whose scores fit
+//! in cache, adds the bias inside (the decomposed relative-position bias as `rel_h[q, kh] +
+//! rel_w[q, kw]`, never materialized), takes the softmax, multiplies by the values and writes the
+//! rows straight into the output layout the graph wants (the transposes around the block are
+//! absorbed). The scratch is one block of scores per thread, never a queries x keys matrix.
+//! Batch x head x query-row tasks are split over tract's thread pool. The inner products use
+//! register-blocked kernels compiled for AVX-512, AVX2+FMA (chosen at run time) and the target's
+//! baseline (NEON on aarch64).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_onnx::tract_hir::internal::*;
+
+/// The ONNX operator type of a fused attention node (samrt's own domain).
+pub const OP_TYPE: &str = "SamrtAttention";
+const DOMAIN: &str = "ai.samrt";
+
+/// Rows of a kernel tile.
+const TILE_ROWS: usize = 6;
+/// Score values of one block of query rows, per thread: 192 KB of f32, an L2 share.
+const BLOCK_SCORES: usize = 48 * 1024;
+/// Query rows one task takes at most (keys and values are packed once per task).
+const TASK_ROWS: usize = 512;
+
+/// How the scores are scaled before the bias, as found in the graph.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum ScaleOp {
+    None,
+    Mul,
+    Div,
+}
+
+/// The additive bias of the scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BiasKind {
+    /// No bias.
+    None,
+    /// One tensor broadcast (numpy rules) against the `[batch.., queries, keys]` scores.
+    Dense,
+    /// Segment Anything's decomposed relative-position bias: `rel_h` of shape
+    /// `[batch.., qh, qw, kh, 1]` and `rel_w` of `[batch.., qh, qw, 1, kw]`, added to the scores
+    /// viewed as `[batch.., qh, qw, kh, kw]`.
+    Decomposed,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ONNX rewrite.
+
+/// Replaces every attention subgraph of `graph` by one `SamrtAttention` node; returns how many.
+///
+/// Matched, from the Softmax: `MatMul(a, b)`, optionally `Mul`/`Div` by a constant, then either
+/// `Add`s of bias tensors, or `Reshape` → two `Add`s of unsqueezed relative-position terms →
+/// `Reshape`; `Softmax`; `MatMul(·, v)`. Transposes feeding `a`, `b` and `v`, and one transposing
+/// the result, are absorbed. Every intermediate value must be used by the chain alone. Whether
+/// the shapes fit is checked when tract types the node; the caller falls back to the unfused
+/// graph if they do not.
+pub fn fuse(graph: &mut pb::GraphProto) -> usize {
+    let nodes = &graph.node;
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut consumers: HashMap<&str, usize> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for output in &node.output {
+            producer.insert(output, i);
+        }
+        for input in &node.input {
+            *consumers.entry(input).or_default() += 1;
+        }
+    }
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let initializers: HashSet<&str> = graph.initializer.iter().map(|t| t.name.as_str()).collect();
+    let single_use = |name: &str| consumers.get(name) == Some(&1) && !graph_outputs.contains(name);
+    let is_constant = |name: &str| {
+        initializers.contains(name)
+            || producer
+                .get(name)
+                .is_some_and(|&p| nodes[p].op_type == "Constant")
+    };
+    let op_of = |name: &str| producer.get(name).map(|&p| nodes[p].op_type.as_str());
+
+    let mut removed: HashSet<usize> = HashSet::new();
+    let mut fused: HashMap<usize, NodeProto> = HashMap::new();
+    for (softmax_ix, softmax) in nodes.iter().enumerate() {
+        if softmax.op_type != "Softmax" || softmax.input.len() != 1 {
+            continue;
+        }
+        let mut chain = vec![softmax_ix];
+        // Backwards from the softmax: bias adds (and the reshapes around decomposed ones).
+        let mut current = softmax.input[0].as_str();
+        let mut terms: Vec<String> = Vec::new();
+        let mut reshapes = 0;
+        let mut scale: Option<(ScaleOp, String)> = None;
+        let scores_matmul = loop {
+            if !single_use(current) {
+                break None;
+            }
+            let Some(&ix) = producer.get(current) else {
+                break None;
+            };
+            let node = &nodes[ix];
+            match node.op_type.as_str() {
+                "MatMul" if node.input.len() == 2 => break Some(ix),
+                "Reshape" if terms.is_empty() && reshapes == 0 => {
+                    reshapes = 1;
+                    chain.push(ix);
+                    current = &node.input[0];
+                }
+                "Reshape" if reshapes == 1 && !terms.is_empty() && scale.is_none() => {
+                    reshapes = 2;
+                    chain.push(ix);
+                    current = &node.input[0];
+                }
+                "Add" if node.input.len() == 2 && reshapes != 2 && scale.is_none() => {
+                    let main_side = |name: &str| {
+                        matches!(
+                            op_of(name),
+                            Some("Add" | "Reshape" | "Mul" | "Div" | "MatMul")
+                        ) && !is_constant(name)
+                    };
+                    let (main, term) = if main_side(&node.input[0]) && !main_side(&node.input[1]) {
+                        (&node.input[0], &node.input[1])
+                    } else if main_side(&node.input[1]) && !main_side(&node.input[0]) {
+                        (&node.input[1], &node.input[0])
+                    } else {
+                        break None;
+                    };
+                    terms.push(term.clone());
+                    chain.push(ix);
+                    current = main;
+                }
+                op @ ("Mul" | "Div") if node.input.len() == 2 && scale.is_none() => {
+                    let (main, factor) = if is_constant(&node.input[1]) {
+                        (&node.input[0], &node.input[1])
+                    } else if op == "Mul" && is_constant(&node.input[0]) {
+                        (&node.input[1], &node.input[0])
+                    } else {
+                        break None;
+                    };
+                    let op = if op == "Mul" {
+                        ScaleOp::Mul
+                    } else {
+                        ScaleOp::Div
+                    };
+                    scale = Some((op, factor.clone()));
+                    chain.push(ix);
+                    current = main;
+                }
+                _ => break None,
+            }
+        };
+        let Some(scores_ix) = scores_matmul else {
+            continue;
+        };
+        let decomposed = reshapes == 2;
+        if (reshapes != 0 && !decomposed) || (decomposed && terms.len() != 2) {
+            continue;
+        }
+        // Decomposed terms are Unsqueeze outputs; the bias is the unsqueezed tensors themselves.
+        if decomposed && terms.iter().any(|t| op_of(t) != Some("Unsqueeze")) {
+            continue;
+        }
+        chain.push(scores_ix);
+        // Forwards: the softmax feeds the values' MatMul alone.
+        let probs = &softmax.output[0];
+        if !single_use(probs) {
+            continue;
+        }
+        let Some(values_ix) = nodes
+            .iter()
+            .position(|n| n.op_type == "MatMul" && n.input.first() == Some(probs))
+        else {
+            continue;
+        };
+        chain.push(values_ix);
+        let values_node = &nodes[values_ix];
+        if values_node.input.len() != 2 {
+            continue;
+        }
+        // Transposes absorbed into the operator's strided reads and writes.
+        let absorb = |name: &str, chain: &mut Vec<usize>| -> (String, Vec<i64>) {
+            if let Some(&ix) = producer.get(name) {
+                let node = &nodes[ix];
+                if node.op_type == "Transpose" && single_use(name) {
+                    if let Some(perm) = node.attribute.iter().find(|a| a.name == "perm") {
+                        chain.push(ix);
+                        return (node.input[0].clone(), perm.ints.clone());
+                    }
+                }
+            }
+            (name.to_string(), Vec::new())
+        };
+        let scores = &nodes[scores_ix];
+        let (a, a_perm) = absorb(&scores.input[0], &mut chain);
+        let (b, b_perm) = absorb(&scores.input[1], &mut chain);
+        let (v, v_perm) = absorb(&values_node.input[1], &mut chain);
+        let mut output = values_node.output[0].clone();
+        let mut out_perm = Vec::new();
+        if single_use(&output) {
+            if let Some(ix) = nodes
+                .iter()
+                .position(|n| n.op_type == "Transpose" && n.input.first() == Some(&output))
+            {
+                if let Some(perm) = nodes[ix].attribute.iter().find(|a| a.name == "perm") {
+                    out_perm = perm.ints.clone();
+                    output = nodes[ix].output[0].clone();
+                    chain.push(ix);
+                }
+            }
+        }
+        if chain.iter().any(|ix| removed.contains(ix)) {
+            continue;
+        }
+        let axis = softmax
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(-1, |a| a.i);
+        let mut inputs = vec![a, b, v];
+        let scale_op = match &scale {
+            Some((op, factor)) => {
+                inputs.push(factor.clone());
+                *op
+            }
+            None => ScaleOp::None,
+        };
+        // Terms were collected from the softmax backwards; keep the graph's order.
+        inputs.extend(terms.into_iter().rev());
+        let ints = |name: &str, ints: Vec<i64>| AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Ints as i32,
+            ints,
+            ..Default::default()
+        };
+        let int = |name: &str, i: i64| AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Int as i32,
+            i,
+            ..Default::default()
+        };
+        let node = NodeProto {
+            name: format!("{}.samrt_attention", values_node.name),
+            op_type: OP_TYPE.into(),
+            domain: DOMAIN.into(),
+            input: inputs,
+            output: vec![output],
+            attribute: vec![
+                ints("q_perm", a_perm),
+                ints("k_perm", b_perm),
+                ints("v_perm", v_perm),
+                ints("out_perm", out_perm),
+                int(
+                    "scale_op",
+                    match scale_op {
+                        ScaleOp::None => 0,
+                        ScaleOp::Mul => 1,
+                        ScaleOp::Div => 2,
+                    },
+                ),
+                int("softmax_axis", axis),
+                int("decomposed", decomposed as i64),
+            ],
+            ..Default::default()
+        };
+        removed.extend(chain.iter().copied());
+        fused.insert(values_ix, node);
+    }
+    let count = fused.len();
+    if count > 0 {
+        let old = std::mem::take(&mut graph.node);
+        for (i, node) in old.into_iter().enumerate() {
+            if let Some(fused) = fused.remove(&i) {
+                graph.node.push(fused);
+            } else if !removed.contains(&i) {
+                graph.node.push(node);
+            }
+        }
+    }
+    count
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator, as tract's parser builds it.
+
+/// Builds a `SamrtAttention` node.
+pub fn build(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let perm = |name: &str| -> TractResult<Vec<usize>> {
+        Ok(node.get_attr_opt_vec::<usize>(name)?.unwrap_or_default())
+    };
+    let scale_op = match node.get_attr_opt::<i64>("scale_op")?.unwrap_or(0) {
+        0 => ScaleOp::None,
+        1 => ScaleOp::Mul,
+        2 => ScaleOp::Div,
+        other => bail!("SamrtAttention: unknown scale_op {other}"),
+    };
+    let expansion = AttentionExpansion {
+        q_perm: perm("q_perm")?,
+        k_perm: perm("k_perm")?,
+        v_perm: perm("v_perm")?,
+        out_perm: perm("out_perm")?,
+        scale_op,
+        softmax_axis: node.get_attr_opt::<i64>("softmax_axis")?.unwrap_or(-1),
+        decomposed: node.get_attr_opt::<i64>("decomposed")?.unwrap_or(0) != 0,
+    };
+    Ok((expand(expansion), vec![]))
+}
+
+#[derive(Debug, Clone)]
+struct AttentionExpansion {
+    q_perm: Vec<usize>,
+    k_perm: Vec<usize>,
+    v_perm: Vec<usize>,
+    out_perm: Vec<usize>,
+    scale_op: ScaleOp,
+    softmax_axis: i64,
+    decomposed: bool,
+}
+
+/// `shape` transposed by `perm` (ONNX `Transpose`: dimension `i` of the result is dimension
+/// `perm[i]` of the input); an empty `perm` is the identity.
+fn permuted<T: Clone>(shape: &[T], perm: &[usize]) -> TractResult<Vec<T>> {
+    if perm.is_empty() {
+        return Ok(shape.to_vec());
+    }
+    ensure!(
+        perm.len() == shape.len() && {
+            let mut seen = perm.to_vec();
+            seen.sort_unstable();
+            seen.iter().enumerate().all(|(i, &p)| i == p)
+        },
+        "SamrtAttention: permutation {perm:?} does not fit rank {}",
+        shape.len()
+    );
+    Ok(perm.iter().map(|&p| shape[p].clone()).collect())
+}
+
+/// The output shape for the given q and v shapes (any dimension type).
+fn output_shape<T: Clone>(
+    q: &[T],
+    v: &[T],
+    q_perm: &[usize],
+    v_perm: &[usize],
+    out_perm: &[usize],
+) -> TractResult<Vec<T>> {
+    let q = permuted(q, q_perm)?;
+    let v = permuted(v, v_perm)?;
+    ensure!(
+        q.len() >= 2 && v.len() == q.len(),
+        "SamrtAttention: q and v must have the same rank, at least 2"
+    );
+    let mut logical = q.clone();
+    *logical.last_mut().unwrap() = v.last().unwrap().clone();
+    permuted(&logical, out_perm)
+}
+
+impl Expansion for AttentionExpansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_output_arity(outputs, 1)?;
+        ensure!(
+            inputs.len() >= 3,
+            "SamrtAttention takes q, k, v and optional terms"
+        );
+        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[1].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[2].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        s.given_2(&inputs[0].shape, &inputs[2].shape, move |s, q, v| {
+            let shape = output_shape(&q, &v, &self.q_perm, &self.v_perm, &self.out_perm)?;
+            s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let mut rest = &inputs[3..];
+        let scale = if self.scale_op == ScaleOp::None {
+            1.0
+        } else {
+            let fact = model.outlet_fact(rest[0])?;
+            let konst = fact
+                .konst
+                .as_ref()
+                .context("SamrtAttention: the scale is not a constant")?;
+            ensure!(
+                konst.len() == 1,
+                "SamrtAttention: the scale is not a scalar"
+            );
+            let value = konst.cast_to_scalar::<f32>()?;
+            rest = &rest[1..];
+            if self.scale_op == ScaleOp::Div {
+                1.0 / value
+            } else {
+                value
+            }
+        };
+        let bias = match (rest.len(), self.decomposed) {
+            (0, false) => BiasKind::None,
+            (1, false) => BiasKind::Dense,
+            (2, true) => BiasKind::Decomposed,
+            (n, _) => bail!("SamrtAttention: {n} bias terms are not supported"),
+        };
+        let op = Attention {
+            q_perm: self.q_perm.clone(),
+            k_perm: self.k_perm.clone(),
+            v_perm: self.v_perm.clone(),
+            out_perm: self.out_perm.clone(),
+            scale,
+            bias,
+        };
+        let mut wired: TVec<OutletId> = inputs[..3].iter().copied().collect();
+        wired.extend(rest.iter().copied());
+        // The shapes must fit the operator's contract, or the graph is not fused (see `fuse`).
+        let facts: Vec<TypedFact> = wired
+            .iter()
+            .map(|o| model.outlet_fact(*o).cloned())
+            .collect::<TractResult<_>>()?;
+        let shapes: Vec<Vec<usize>> = facts
+            .iter()
+            .map(|f| {
+                f.shape
+                    .as_concrete()
+                    .map(|s| s.to_vec())
+                    .context("SamrtAttention: shapes must be concrete")
+            })
+            .collect::<TractResult<_>>()?;
+        ensure!(
+            facts.iter().all(|f| f.datum_type == f32::datum_type()),
+            "SamrtAttention: f32 only"
+        );
+        let shape_refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+        let geometry = op.geometry(&shape_refs)?;
+        let rank = shapes[0].len() as i64;
+        let axis_ok = match bias {
+            // The softmax ran on the [batch.., queries, keys] reshape.
+            BiasKind::Decomposed => self.softmax_axis == -1 || self.softmax_axis == 2,
+            _ => self.softmax_axis == -1 || self.softmax_axis == rank - 1,
+        };
+        ensure!(
+            axis_ok && (bias != BiasKind::Decomposed || geometry.batch.len() == 1),
+            "SamrtAttention: softmax axis {} is not the key axis",
+            self.softmax_axis
+        );
+        model.wire_node(prefix, op, &wired)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed operator.
+
+/// `softmax(q·kᵀ · scale + bias) · v` over the last two axes, every leading axis a batch axis.
+/// `q`, `k` (given as kᵀ: `[.., d, keys]`) and `v` are read through the permutations of the
+/// transposes they came through; the output is written through `out_perm`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Attention {
+    q_perm: Vec<usize>,
+    k_perm: Vec<usize>,
+    v_perm: Vec<usize>,
+    out_perm: Vec<usize>,
+    scale: f32,
+    bias: BiasKind,
+}
+
+impl Eq for Attention {}
+
+impl std::hash::Hash for Attention {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.q_perm.hash(state);
+        self.k_perm.hash(state);
+        self.v_perm.hash(state);
+        self.out_perm.hash(state);
+        self.scale.to_bits().hash(state);
+        self.bias.hash(state);
+    }
+}
+
+/// Element strides of a C-contiguous shape.
+fn strides_of(shape: &[usize]) -> Vec<isize> {
+    let mut strides = vec![1isize; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        strides[i] = strides[i + 1] * shape[i + 1] as isize;
+    }
+    strides
+}
+
+/// Strides of `shape` (contiguous) broadcast against `target` (numpy rules, right-aligned): 0
+/// where the tensor repeats.
+fn broadcast_strides(shape: &[usize], target: &[usize]) -> TractResult<Vec<isize>> {
+    ensure!(
+        shape.len() <= target.len(),
+        "SamrtAttention: bias of rank {} against scores of rank {}",
+        shape.len(),
+        target.len()
+    );
+    let own = strides_of(shape);
+    let offset = target.len() - shape.len();
+    (0..target.len())
+        .map(|i| {
+            if i < offset {
+                return Ok(0);
+            }
+            let (dim, want) = (shape[i - offset], target[i]);
+            if dim == want {
+                Ok(own[i - offset])
+            } else if dim == 1 {
+                Ok(0)
+            } else {
+                bail!("SamrtAttention: bias shape {shape:?} does not broadcast to {target:?}")
+            }
+        })
+        .collect()
+}
+
+/// Where each value lives, in elements, for one call.
+#[derive(Debug, Clone)]
+struct Geometry {
+    batch: Vec<usize>,
+    queries: usize,
+    depth: usize,
+    keys: usize,
+    depth_v: usize,
+    /// Logical strides `[batch.., rows, cols]` of q, kᵀ, v and the output.
+    q: Vec<isize>,
+    k: Vec<isize>,
+    v: Vec<isize>,
+    out: Vec<isize>,
+    out_shape: Vec<usize>,
+    bias: BiasGeometry,
+}
+
+#[derive(Debug, Clone)]
+enum BiasGeometry {
+    None,
+    /// Strides `[batch.., queries, keys]`.
+    Dense(Vec<isize>),
+    /// `qw` and the strides `[batch.., qh, qw, k*]` of `rel_h` (k* = kh) and `rel_w` (k* = kw).
+    Decomposed {
+        qw: usize,
+        kw: usize,
+        h: Vec<isize>,
+        w: Vec<isize>,
+    },
+}
+
+impl Attention {
+    /// Checks the shapes of one call's inputs and lays out its strides.
+    fn geometry(&self, shapes: &[&[usize]]) -> TractResult<Geometry> {
+        let logical = |shape: &[usize], perm: &[usize]| -> TractResult<(Vec<usize>, Vec<isize>)> {
+            Ok((permuted(shape, perm)?, permuted(&strides_of(shape), perm)?))
+        };
+        let (qs, q) = logical(shapes[0], &self.q_perm)?;
+        let (ks, k) = logical(shapes[1], &self.k_perm)?;
+        let (vs, v) = logical(shapes[2], &self.v_perm)?;
+        let rank = qs.len();
+        ensure!(
+            rank >= 2 && ks.len() == rank && vs.len() == rank,
+            "SamrtAttention: q, k and v must have one rank, at least 2"
+        );
+        let batch = qs[..rank - 2].to_vec();
+        let (queries, depth) = (qs[rank - 2], qs[rank - 1]);
+        let (keys, depth_v) = (vs[rank - 2], vs[rank - 1]);
+        ensure!(
+            ks[..rank - 2] == batch[..] && vs[..rank - 2] == batch[..],
+            "SamrtAttention: batch axes differ: q {qs:?}, kᵀ {ks:?}, v {vs:?}"
+        );
+        ensure!(
+            ks[rank - 2] == depth && ks[rank - 1] == keys && keys > 0 && depth > 0,
+            "SamrtAttention: kᵀ {ks:?} does not fit q {qs:?} and v {vs:?}"
+        );
+        let mut logical_out = qs.clone();
+        logical_out[rank - 1] = depth_v;
+        let out_shape = permuted(&logical_out, &self.out_perm)?;
+        let phys = strides_of(&out_shape);
+        let out = if self.out_perm.is_empty() {
+            phys
+        } else {
+            // Logical axis j is physical axis i where out_perm[i] == j.
+            let mut out = vec![0; rank];
+            for (i, &j) in self.out_perm.iter().enumerate() {
+                out[j] = phys[i];
+            }
+            out
+        };
+        let mut scores_shape = batch.clone();
+        scores_shape.extend([queries, keys]);
+        let bias = match self.bias {
+            BiasKind::None => {
+                ensure!(shapes.len() == 3, "SamrtAttention: unexpected bias");
+                BiasGeometry::None
+            }
+            BiasKind::Dense => {
+                ensure!(
+                    shapes.len() == 4,
+                    "SamrtAttention: one bias tensor expected"
+                );
+                BiasGeometry::Dense(broadcast_strides(shapes[3], &scores_shape)?)
+            }
+            BiasKind::Decomposed => {
+                ensure!(
+                    shapes.len() == 5,
+                    "SamrtAttention: rel_h and rel_w expected"
+                );
+                let (h, w) = (shapes[3], shapes[4]);
+                ensure!(
+                    h.len() == rank + 2 && w.len() == rank + 2,
+                    "SamrtAttention: relative-position terms {h:?}, {w:?} for scores {scores_shape:?}"
+                );
+                let n = h.len();
+                let (qh, qw, kh, kw) = (h[n - 4], h[n - 3], h[n - 2], w[n - 1]);
+                ensure!(
+                    h[n - 1] == 1
+                        && w[n - 2] == 1
+                        && w[n - 4] == qh
+                        && w[n - 3] == qw
+                        && qh * qw == queries
+                        && kh * kw == keys,
+                    "SamrtAttention: relative-position terms {h:?}, {w:?} do not decompose scores {scores_shape:?}"
+                );
+                let mut target = batch.clone();
+                target.extend([qh, qw, kh, 1]);
+                let hs = broadcast_strides(h, &target)?;
+                target[n - 2] = 1;
+                target[n - 1] = kw;
+                let ws = broadcast_strides(w, &target)?;
+                // [batch.., qh, qw, kh] and [batch.., qh, qw, kw].
+                let h = hs[..n - 1].to_vec();
+                let mut w = ws[..n - 2].to_vec();
+                w.push(ws[n - 1]);
+                BiasGeometry::Decomposed { qw, kw, h, w }
+            }
+        };
+        Ok(Geometry {
+            batch,
+            queries,
+            depth,
+            keys,
+            depth_v,
+            q,
+            k,
+            v,
+            out,
+            out_shape,
+            bias,
+        })
+    }
+}
+
+impl Op for Attention {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "scale: {}, bias: {:?}, perms q {:?} k {:?} v {:?} out {:?}",
+            self.scale, self.bias, self.q_perm, self.k_perm, self.v_perm, self.out_perm
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl TypedOp for Attention {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let q: Vec<TDim> = inputs[0].shape.iter().cloned().collect();
+        let v: Vec<TDim> = inputs[2].shape.iter().cloned().collect();
+        let shape = output_shape(&q, &v, &self.q_perm, &self.v_perm, &self.out_perm)?;
+        Ok(tvec!(inputs[0].datum_type.fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// The largest scratch (in f32 values) one attention task has held, since the process started:
+/// for tests that hold the operator to its block-sized memory.
+pub fn peak_scratch_values() -> usize {
+    PEAK_SCRATCH.load(Ordering::Relaxed)
+}
+
+static PEAK_SCRATCH: AtomicUsize = AtomicUsize::new(0);
+
+impl EvalOp for Attention {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+        let geometry = self.geometry(&shapes)?;
+        let views: Vec<_> = inputs
+            .iter()
+            .map(|t| t.try_as_plain_ram())
+            .collect::<TractResult<_>>()?;
+        let data: Vec<&[f32]> = views
+            .iter()
+            .map(|v| v.as_slice::<f32>())
+            .collect::<TractResult<_>>()?;
+        let mut output = Tensor::zero::<f32>(&geometry.out_shape)?;
+        {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            run(&geometry, self.scale, &data, out);
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The computation.
+
+/// A raw output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// The instruction set the kernels are compiled for, probed once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+    #[cfg(target_arch = "x86_64")]
+    Avx2Fma,
+    Baseline,
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                return Isa::Avx512;
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                return Isa::Avx2Fma;
+            }
+        }
+        Isa::Baseline
+    })
+}
+
+/// Runs the whole call: tasks of (batch index, query rows) over tract's thread pool.
+fn run(geometry: &Geometry, scale: f32, data: &[&[f32]], out: &mut [f32]) {
+    let batches: usize = geometry.batch.iter().product();
+    let row_tasks = geometry.queries.div_ceil(TASK_ROWS);
+    let tasks = batches * row_tasks;
+    let out = OutPtr(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (b, chunk) = (t / row_tasks, t % row_tasks);
+        let rows = chunk * TASK_ROWS..((chunk + 1) * TASK_ROWS).min(geometry.queries);
+        // SAFETY: tasks write disjoint (batch, query row) ranges of the output.
+        unsafe {
+            match isa() {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => task_avx512(geometry, scale, data, out, b, rows),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2Fma => task_avx2(geometry, scale, data, out, b, rows),
+                Isa::Baseline => task_body::<16, Baseline>(geometry, scale, data, out, b, rows),
+            }
+        }
+    };
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 && tasks > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| (0..tasks).into_par_iter().for_each(task))
+        }
+        _ => (0..tasks).for_each(task),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn task_avx512(
+    g: &Geometry,
+    scale: f32,
+    data: &[&[f32]],
+    out: OutPtr,
+    b: usize,
+    rows: std::ops::Range<usize>,
+) {
+    unsafe { task_body::<32, Fused>(g, scale, data, out, b, rows) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2(
+    g: &Geometry,
+    scale: f32,
+    data: &[&[f32]],
+    out: OutPtr,
+    b: usize,
+    rows: std::ops::Range<usize>,
+) {
+    unsafe { task_body::<16, Fused>(g, scale, data, out, b, rows) }
+}
+
+/// Multiply-add, fused where the instruction set has it.
+trait MulAdd {
+    fn mul_add(a: f32, b: f32, c: f32) -> f32;
+}
+
+/// For kernels compiled with FMA (x86_64 with `fma`/`avx512f`, aarch64).
+#[allow(dead_code)]
+struct Fused;
+impl MulAdd for Fused {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        a.mul_add(b, c)
+    }
+}
+
+/// The target's baseline: fused on aarch64 (always has FMA), separate elsewhere (a software
+/// `fma` call would be far slower than a multiply and an add).
+struct Baseline;
+impl MulAdd for Baseline {
+    #[inline(always)]
+    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
+        if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+}
+
+/// `c[r][0..W] = Σₖ a[r][k] · b[k][0..W]` for `R` rows: one register tile.
+///
+/// # Safety
+/// `a` holds `R` rows of `lda` with `k` values each, `b` `k` rows of `ldb` with `W` values from
+/// its start, `c` `R` rows of `ldc` with `W` values.
+#[inline(always)]
+unsafe fn tile<const R: usize, const W: usize, F: MulAdd>(
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+) {
+    let mut acc = [[0f32; W]; R];
+    for kk in 0..k {
+        let brow = unsafe { &*(b.add(kk * ldb) as *const [f32; W]) };
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let av = unsafe { *a.add(r * lda + kk) };
+            for j in 0..W {
+                acc[j] = F::mul_add(av, brow[j], acc[j]);
+            }
+        }
+    }
+    for (r, acc) in acc.iter().enumerate() {
+        unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), c.add(r * ldc), W) };
+    }
+}
+
+/// `c = a · b` for `rows` (a multiple of [`TILE_ROWS`]) by `cols` (a multiple of `W`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn matmul<const W: usize, F: MulAdd>(
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    k: usize,
+    c: &mut [f32],
+    ldc: usize,
+    rows: usize,
+    cols: usize,
+) {
+    debug_assert!(rows.is_multiple_of(TILE_ROWS) && cols.is_multiple_of(W));
+    assert!(a.len() >= (rows - 1) * lda + k || rows == 0);
+    assert!(b.len() >= k.saturating_sub(1) * ldb + cols || k == 0);
+    assert!(c.len() >= (rows.max(1) - 1) * ldc + cols);
+    for j in (0..cols).step_by(W) {
+        for i in (0..rows).step_by(TILE_ROWS) {
+            // SAFETY: bounds asserted above.
+            unsafe {
+                tile::<TILE_ROWS, W, F>(
+                    a.as_ptr().add(i * lda),
+                    lda,
+                    b.as_ptr().add(j),
+                    ldb,
+                    k,
+                    c.as_mut_ptr().add(i * ldc + j),
+                    ldc,
+                )
+            };
+        }
+    }
+}
+
+/// `e^x` for `x ≤ 0` (softmax after subtracting the row's maximum), in plain arithmetic that
+/// vectorizes: Cephes' `expf` polynomial on `x - n·ln 2`, times `2^n`; relative error ~2e-7.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding then subtracting 1.5·2²³ rounds to the nearest integer.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.max(-87.0);
+    let n = (x * LOG2E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_2e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// `dst[i] = src[start + i·stride]`; a plain copy when `stride` is 1.
+#[inline(always)]
+fn gather(src: &[f32], start: isize, stride: isize, dst: &mut [f32]) {
+    let start = start as usize;
+    if stride == 1 {
+        dst.copy_from_slice(&src[start..start + dst.len()]);
+    } else {
+        for (i, x) in dst.iter_mut().enumerate() {
+            *x = src[(start as isize + i as isize * stride) as usize];
+        }
+    }
+}
+
+/// The largest value of `row`, in `W` lanes.
+#[inline(always)]
+fn row_max<const W: usize>(row: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; W];
+    let mut chunks = row.chunks_exact(W);
+    for chunk in &mut chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = if x > *lane { x } else { *lane };
+        }
+    }
+    let tail = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `row = e^(row - max)`, returning the sum of the new values (in `W` lanes).
+#[inline(always)]
+fn exp_in_place<const W: usize>(row: &mut [f32], max: f32) -> f32 {
+    let mut lanes = [0f32; W];
+    let mut chunks = row.chunks_exact_mut(W);
+    for chunk in &mut chunks {
+        for (lane, x) in lanes.iter_mut().zip(chunk) {
+            *x = exp_nonpositive(*x - max);
+            *lane += *x;
+        }
+    }
+    let mut tail = 0.0;
+    for x in chunks.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        tail += *x;
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// Offset of batch index `b` (row-major over `batch`) with the given per-axis strides.
+fn batch_offset(batch: &[usize], strides: &[isize], mut b: usize) -> isize {
+    let mut offset = 0;
+    for (dim, stride) in batch.iter().zip(strides).rev() {
+        offset += (b % dim) as isize * stride;
+        b /= dim;
+    }
+    offset
+}
+
+fn round_up(n: usize, m: usize) -> usize {
+    n.div_ceil(m) * m
+}
+
+/// One task: batch index `b`, query `rows`.
+///
+/// # Safety
+/// `out` is the output of `g.out_shape`; no other task writes the same batch index and rows.
+#[inline(always)]
+unsafe fn task_body<const W: usize, F: MulAdd>(
+    g: &Geometry,
+    scale: f32,
+    data: &[&[f32]],
+    out: OutPtr,
+    b: usize,
+    rows: std::ops::Range<usize>,
+) {
+    let rank = g.batch.len() + 2;
+    let (d, nk, dv) = (g.depth, g.keys, g.depth_v);
+    let nk_pad = round_up(nk, W);
+    let dv_pad = round_up(dv, W);
+    let block = (BLOCK_SCORES / nk_pad / TILE_ROWS * TILE_ROWS)
+        .clamp(TILE_ROWS, round_up(rows.len(), TILE_ROWS));
+    let scratch = d * nk_pad + nk * dv_pad + block * (d + nk_pad + dv_pad);
+    PEAK_SCRATCH.fetch_max(scratch, Ordering::Relaxed);
+    let mut kt = vec![0f32; d * nk_pad];
+    let mut vp = vec![0f32; nk * dv_pad];
+    let mut qp = vec![0f32; block * d];
+    let mut s = vec![0f32; block * nk_pad];
+    let mut o = vec![0f32; block * dv_pad];
+
+    let (q, k, v) = (data[0], data[1], data[2]);
+    let q_base = batch_offset(&g.batch, &g.q, b);
+    let k_base = batch_offset(&g.batch, &g.k, b);
+    let v_base = batch_offset(&g.batch, &g.v, b);
+    let o_base = batch_offset(&g.batch, &g.out, b);
+    let (q_row, q_col) = (g.q[rank - 2], g.q[rank - 1]);
+    let (k_row, k_col) = (g.k[rank - 2], g.k[rank - 1]);
+    let (v_row, v_col) = (g.v[rank - 2], g.v[rank - 1]);
+    let (o_row, o_col) = (g.out[rank - 2], g.out[rank - 1]);
+
+    // kᵀ as d rows of keys, v as key rows of depth_v, zero-padded to the tile width.
+    // Read along whichever axis of kᵀ is contiguous in memory.
+    if k_row.abs() <= k_col.abs() {
+        for n in 0..nk {
+            let src = k_base + n as isize * k_col;
+            for dd in 0..d {
+                kt[dd * nk_pad + n] = k[(src + dd as isize * k_row) as usize];
+            }
+        }
+    } else {
+        for dd in 0..d {
+            gather(
+                k,
+                k_base + dd as isize * k_row,
+                k_col,
+                &mut kt[dd * nk_pad..dd * nk_pad + nk],
+            );
+        }
+    }
+    for n in 0..nk {
+        let dst = &mut vp[n * dv_pad..n * dv_pad + dv];
+        gather(v, v_base + n as isize * v_row, v_col, dst);
+    }
+
+    let mut start = rows.start;
+    while start < rows.end {
+        let count = block.min(rows.end - start);
+        let padded = round_up(count, TILE_ROWS);
+        for r in 0..padded {
+            let dst = &mut qp[r * d..(r + 1) * d];
+            if r < count {
+                gather(q, q_base + (start + r) as isize * q_row, q_col, dst);
+            } else {
+                dst.fill(0.0);
+            }
+        }
+        matmul::<W, F>(&qp, d, &kt, nk_pad, d, &mut s, nk_pad, padded, nk_pad);
+        let mut inv_sums = [0f32; BLOCK_SCORES / TILE_ROWS];
+        for r in 0..count {
+            let row = &mut s[r * nk_pad..r * nk_pad + nk];
+            let query = start + r;
+            add_bias(g, data, b, query, scale, row);
+            inv_sums[r] = 1.0 / exp_in_place::<W>(row, row_max::<W>(row));
+        }
+        matmul::<W, F>(&s, nk_pad, &vp, dv_pad, nk, &mut o, dv_pad, padded, dv_pad);
+        for (r, &inv) in inv_sums.iter().enumerate().take(count) {
+            let dst = o_base + (start + r) as isize * o_row;
+            for (c, &x) in o[r * dv_pad..r * dv_pad + dv].iter().enumerate() {
+                // SAFETY: inside the output; this task alone writes these rows.
+                unsafe { *out.0.offset(dst + c as isize * o_col) = x * inv };
+            }
+        }
+        start += count;
+    }
+}
+
+/// `row = row · scale + bias[query, ..]` for one query's row of scores.
+#[inline(always)]
+fn add_bias(g: &Geometry, data: &[&[f32]], b: usize, query: usize, scale: f32, row: &mut [f32]) {
+    let batch_rank = g.batch.len();
+    match &g.bias {
+        BiasGeometry::None => {
+            if scale != 1.0 {
+                row.iter_mut().for_each(|x| *x *= scale);
+            }
+        }
+        BiasGeometry::Dense(strides) => {
+            let bias = data[3];
+            let base = batch_offset(&g.batch, strides, b) + query as isize * strides[batch_rank];
+            let col = strides[batch_rank + 1];
+            if col == 1 {
+                let bias = &bias[base as usize..base as usize + row.len()];
+                for (x, &y) in row.iter_mut().zip(bias) {
+                    *x = *x * scale + y;
+                }
+            } else {
+                for (n, x) in row.iter_mut().enumerate() {
+                    *x = *x * scale + bias[(base + n as isize * col) as usize];
+                }
+            }
+        }
+        BiasGeometry::Decomposed { qw, kw, h, w } => {
+            let (rel_h, rel_w) = (data[3], data[4]);
+            let (qi, qj) = ((query / qw) as isize, (query % qw) as isize);
+            let hb = batch_offset(&g.batch, h, b) + qi * h[batch_rank] + qj * h[batch_rank + 1];
+            let wb = batch_offset(&g.batch, w, b) + qi * w[batch_rank] + qj * w[batch_rank + 1];
+            let (hs, ws) = (h[batch_rank + 2], w[batch_rank + 2]);
+            let rel_w: Vec<f32> = (0..*kw)
+                .map(|j| rel_w[(wb + j as isize * ws) as usize])
+                .collect();
+            for (i, chunk) in row.chunks_exact_mut(*kw).enumerate() {
+                let hv = rel_h[(hb + i as isize * hs) as usize];
+                for (x, &wv) in chunk.iter_mut().zip(&rel_w) {
+                    *x = *x * scale + (hv + wv);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 2_654_435_761usize) % 10_007) as f32 / 5000.0 - 1.0)
+            .collect()
+    }
+
+    /// Plain reference: transpose inputs, scores, bias, softmax in f64, times v, transpose out.
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        op: &Attention,
+        shapes: &[Vec<usize>],
+        data: &[Vec<f32>],
+        qh_qw_kh_kw: Option<(usize, usize, usize, usize)>,
+    ) -> (Vec<usize>, Vec<f32>) {
+        let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+        let g = op.geometry(&refs).unwrap();
+        let rank = g.batch.len() + 2;
+        let batches: usize = g.batch.iter().product();
+        let mut out = vec![0f32; g.out_shape.iter().product()];
+        for b in 0..batches {
+            let qb = batch_offset(&g.batch, &g.q, b);
+            let kb = batch_offset(&g.batch, &g.k, b);
+            let vb = batch_offset(&g.batch, &g.v, b);
+            let ob = batch_offset(&g.batch, &g.out, b);
+            for i in 0..g.queries {
+                let mut scores: Vec<f64> = (0..g.keys)
+                    .map(|n| {
+                        let mut acc = 0f64;
+                        for c in 0..g.depth {
+                            let qv = data[0][(qb
+                                + i as isize * g.q[rank - 2]
+                                + c as isize * g.q[rank - 1])
+                                as usize];
+                            let kv = data[1][(kb
+                                + c as isize * g.k[rank - 2]
+                                + n as isize * g.k[rank - 1])
+                                as usize];
+                            acc += qv as f64 * kv as f64;
+                        }
+                        acc * op.scale as f64
+                    })
+                    .collect();
+                match &g.bias {
+                    BiasGeometry::None => {}
+                    BiasGeometry::Dense(st) => {
+                        for (n, s) in scores.iter_mut().enumerate() {
+                            let off = batch_offset(&g.batch, st, b)
+                                + i as isize * st[rank - 2]
+                                + n as isize * st[rank - 1];
+                            *s += data[3][off as usize] as f64;
+                        }
+                    }
+                    BiasGeometry::Decomposed { .. } => {
+                        let (_, qw, kh, kw) = qh_qw_kh_kw.unwrap();
+                        let (qi, qj) = (i / qw, i % qw);
+                        for (n, s) in scores.iter_mut().enumerate() {
+                            let (ki, kj) = (n / kw, n % kw);
+                            // rel_h [b, qh, qw, kh, 1], rel_w [b, qh, qw, 1, kw], contiguous.
+                            let h = data[3][((b * (g.queries) + qi * qw + qj) * kh) + ki];
+                            let w = data[4][((b * (g.queries) + qi * qw + qj) * kw) + kj];
+                            *s += h as f64 + w as f64;
+                        }
+                    }
+                }
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = exps.iter().sum();
+                for c in 0..g.depth_v {
+                    let mut acc = 0f64;
+                    for (n, e) in exps.iter().enumerate() {
+                        let vv =
+                            data[2][(vb + n as isize * g.v[rank - 2] + c as isize * g.v[rank - 1])
+                                as usize];
+                        acc += e / sum * vv as f64;
+                    }
+                    out[(ob + i as isize * g.out[rank - 2] + c as isize * g.out[rank - 1])
+                        as usize] = acc as f32;
+                }
+            }
+        }
+        (g.out_shape, out)
+    }
+
+    fn eval(op: &Attention, shapes: &[Vec<usize>], data: &[Vec<f32>]) -> Vec<f32> {
+        let inputs: TVec<TValue> = shapes
+            .iter()
+            .zip(data)
+            .map(|(s, d)| Tensor::from_shape(s, d).unwrap().into_tvalue())
+            .collect();
+        let out = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
+        out[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
+    fn check(op: &Attention, shapes: Vec<Vec<usize>>, rel: Option<(usize, usize, usize, usize)>) {
+        let data: Vec<Vec<f32>> = shapes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| values(s.iter().product(), 7 * i + 1))
+            .collect();
+        let (_, want) = reference(op, &shapes, &data, rel);
+        let got = eval(op, &shapes, &data);
+        let diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(diff < 2e-5, "{shapes:?}: max difference {diff}");
+        // Every thread count gives the same bits.
+        let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+            Executor::multithread(2),
+            || eval(op, &shapes, &data),
+        );
+        assert_eq!(got, pooled, "{shapes:?}: 2 threads differ from 1");
+    }
+
+    #[test]
+    fn tinyvit_window_attention_with_its_transposes_and_dense_bias() {
+        // [windows, tokens, heads, head dim] in, heads x tokens x tokens bias, as TinyViT.
+        let op = Attention {
+            q_perm: vec![0, 2, 1, 3],
+            k_perm: vec![0, 2, 3, 1],
+            v_perm: vec![0, 2, 1, 3],
+            out_perm: vec![0, 2, 1, 3],
+            scale: 32f32.powf(-0.5),
+            bias: BiasKind::Dense,
+        };
+        for (windows, tokens, heads, depth) in [(3, 49, 4, 32), (2, 13, 2, 7), (1, 600, 1, 16)] {
+            let x = vec![windows, tokens, heads, depth];
+            check(
+                &op,
+                vec![x.clone(), x.clone(), x, vec![heads, tokens, tokens]],
+                None,
+            );
+        }
+    }
+
+    #[test]
+    fn plain_attention_without_bias() {
+        let op = Attention {
+            q_perm: vec![],
+            k_perm: vec![],
+            v_perm: vec![],
+            out_perm: vec![],
+            scale: 0.125,
+            bias: BiasKind::None,
+        };
+        check(
+            &op,
+            vec![vec![2, 3, 7, 16], vec![2, 3, 16, 37], vec![2, 3, 37, 40]],
+            None,
+        );
+    }
+
+    #[test]
+    fn vit_decomposed_relative_position_bias() {
+        // ViT-B: kᵀ from a transpose of k, rel_h and rel_w unsqueezed, scale applied to q before.
+        let op = Attention {
+            q_perm: vec![],
+            k_perm: vec![0, 2, 1],
+            v_perm: vec![],
+            out_perm: vec![],
+            scale: 1.0,
+            bias: BiasKind::Decomposed,
+        };
+        for (heads, side, depth) in [(3, 14, 16), (2, 16, 64)] {
+            let n = side * side;
+            let x = vec![heads, n, depth];
+            check(
+                &op,
+                vec![
+                    x.clone(),
+                    x.clone(),
+                    x,
+                    vec![heads, side, side, side, 1],
+                    vec![heads, side, side, 1, side],
+                ],
+                Some((side, side, side, side)),
+            );
+        }
+    }
+
+    #[test]
+    fn shapes_that_do_not_fit_are_refused() {
+        let op = Attention {
+            q_perm: vec![],
+            k_perm: vec![],
+            v_perm: vec![],
+            out_perm: vec![],
+            scale: 1.0,
+            bias: BiasKind::Dense,
+        };
+        let q = [2usize, 5, 8];
+        let kt = [2usize, 8, 9];
+        let v = [2usize, 9, 4];
+        assert!(op.geometry(&[&q, &kt, &v, &[5, 9]]).is_ok());
+        assert!(op.geometry(&[&q, &kt, &v, &[5, 8]]).is_err());
+        assert!(op.geometry(&[&q, &[2, 7, 9], &v, &[5, 9]]).is_err());
+        assert!(op.geometry(&[&q, &kt, &[3, 9, 4], &[5, 9]]).is_err());
+    }
+
+    #[test]
+    fn exp_matches_std_on_softmax_inputs() {
+        for i in 0..87_000 {
+            let x = -(i as f32) * 1e-3;
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
+        }
+        // Below e^-87 (1.6e-38) values are clamped there: nothing next to a row's maximum (1.0).
+        assert_eq!(exp_nonpositive(-200.0), exp_nonpositive(-87.0));
+        assert!(exp_nonpositive(-87.0) < 2e-38);
+    }
+}
