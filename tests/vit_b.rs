@@ -195,3 +195,47 @@ fn manifests_drive_loading_and_bad_ones_are_explained() {
     assert!(err.contains("not a samrt model manifest"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Both attention blocks (the windowed one, 14x14 windows, and the global one over 64x64 tokens)
+/// run as samrt's fused operator, give tract's result, and never hold a queries x keys matrix:
+/// the global block's would be 12 heads x 4096 x 4096 values, one head's 4096 x 4096.
+#[test]
+fn attention_runs_fused_in_blocks() {
+    use samrt::engine::{EncoderOptions, ImageEncoder};
+    let path = model_dir().join("encoder.onnx");
+    let bytes = std::fs::read(&path).unwrap();
+    let fused = ImageEncoder::from_onnx_bytes_with(
+        &path,
+        &bytes,
+        EncoderOptions {
+            fused_attention: true,
+        },
+    )
+    .unwrap();
+    let tract = ImageEncoder::from_onnx_bytes_with(
+        &path,
+        &bytes,
+        EncoderOptions {
+            fused_attention: false,
+        },
+    )
+    .unwrap();
+    assert_eq!(fused.fused_attention_blocks(), 2);
+    assert_eq!(tract.fused_attention_blocks(), 0);
+    let image: Vec<f32> = (0..3 * 1024 * 1024)
+        .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let a = fused.embed(&image).unwrap();
+    let b = tract.embed(&image).unwrap();
+    let error = relative_error(&a, &b);
+    assert!(
+        error < 1e-5,
+        "fused attention vs tract's: relative error {error}"
+    );
+    let one_head_scores = 4096 * 4096;
+    let peak = samrt::engine::attention_peak_scratch_values();
+    assert!(
+        peak > 0 && peak < one_head_scores / 8,
+        "attention scratch peaked at {peak} values (one head's scores: {one_head_scores})"
+    );
+}
