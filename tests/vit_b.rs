@@ -222,7 +222,7 @@ fn attention_runs_fused_in_blocks() {
     .unwrap();
     assert_eq!(fused.fused_attention_blocks(), 2);
     assert_eq!(tract.fused_attention_blocks(), 0);
-    let image: Vec<f32> = (0..3 * 1024 * 1024)
+    let image: Vec<f32> = (0..3 * 1024 * 1024usize)
         .map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0)
         .collect();
     let a = fused.embed(&image).unwrap();
