@@ -1130,12 +1130,19 @@ fn add_bias(g: &Geometry, data: &[&[f32]], b: usize, query: usize, scale: f32, r
             let hb = batch_offset(&g.batch, h, b) + qi * h[batch_rank] + qj * h[batch_rank + 1];
             let wb = batch_offset(&g.batch, w, b) + qi * w[batch_rank] + qj * w[batch_rank + 1];
             let (hs, ws) = (h[batch_rank + 2], w[batch_rank + 2]);
-            let rel_w: Vec<f32> = (0..*kw)
-                .map(|j| rel_w[(wb + j as isize * ws) as usize])
-                .collect();
+            // rel_w's key axis is its last, contiguous unless broadcast: no copy per row then.
+            let gathered: Vec<f32>;
+            let rel_w: &[f32] = if ws == 1 {
+                &rel_w[wb as usize..wb as usize + kw]
+            } else {
+                gathered = (0..*kw)
+                    .map(|j| rel_w[(wb + j as isize * ws) as usize])
+                    .collect();
+                &gathered
+            };
             for (i, chunk) in row.chunks_exact_mut(*kw).enumerate() {
                 let hv = rel_h[(hb + i as isize * hs) as usize];
-                for (x, &wv) in chunk.iter_mut().zip(&rel_w) {
+                for (x, &wv) in chunk.iter_mut().zip(rel_w) {
                     *x = *x * scale + (hv + wv);
                 }
             }
@@ -1236,13 +1243,7 @@ mod tests {
             .zip(data)
             .map(|(s, d)| Tensor::from_shape(s, d).unwrap().into_tvalue())
             .collect();
-        let out = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
-        out[0]
-            .try_as_plain_ram()
-            .unwrap()
-            .as_slice::<f32>()
-            .unwrap()
-            .to_vec()
+        crate::engine::fast_ops::tests::run(op.clone(), inputs)
     }
 
     fn check(op: &Attention, shapes: Vec<Vec<usize>>, rel: Option<(usize, usize, usize, usize)>) {

@@ -322,7 +322,7 @@ impl TypedOp for LastAxisLayerNorm {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
@@ -331,7 +331,8 @@ mod tests {
             .collect()
     }
 
-    fn run(op: impl EvalOp, inputs: TVec<TValue>) -> Vec<f32> {
+    /// Evaluates `op` out of a plan; its first output's f32 values.
+    pub(in crate::engine) fn run(op: impl EvalOp, inputs: TVec<TValue>) -> Vec<f32> {
         let out = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();
         out[0]
             .try_as_plain_ram()
