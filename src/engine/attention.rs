@@ -35,8 +35,10 @@ const DOMAIN: &str = "ai.samrt";
 const TILE_ROWS: usize = 6;
 /// Score values of one block of query rows, per thread: 192 KB of f32, an L2 share.
 const BLOCK_SCORES: usize = 48 * 1024;
-/// Query rows one task takes at most (keys and values are packed once per task).
+/// Query rows of one unit of work (keys and values are packed once per batch index and task).
 const TASK_ROWS: usize = 512;
+/// Tasks per thread of tract's pool, for balance between them.
+const TASKS_PER_THREAD: usize = 8;
 
 /// How the scores are scaled before the bias, as found in the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -724,7 +726,8 @@ impl EvalOp for Attention {
             .iter()
             .map(|v| v.as_slice::<f32>())
             .collect::<TractResult<_>>()?;
-        let mut output = Tensor::zero::<f32>(&geometry.out_shape)?;
+        // SAFETY: f32 has no invalid bit patterns, and the tasks write every output element.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&geometry.out_shape)? };
         {
             let mut view = output.try_as_plain_ram_mut()?;
             let out = view.as_slice_mut::<f32>()?;
@@ -771,28 +774,35 @@ fn isa() -> Isa {
     })
 }
 
-/// Runs the whole call: tasks of (batch index, query rows) over tract's thread pool.
+/// Runs the whole call over tract's thread pool. The work is cut into units of (batch index,
+/// at most [`TASK_ROWS`] query rows); a task takes a run of consecutive units and one scratch for
+/// all of them, so that many small windows do not each allocate. A unit's result does not depend
+/// on which task runs it: the same bits at every thread count.
 fn run(geometry: &Geometry, scale: f32, data: &[&[f32]], out: &mut [f32]) {
     let batches: usize = geometry.batch.iter().product();
-    let row_tasks = geometry.queries.div_ceil(TASK_ROWS);
-    let tasks = batches * row_tasks;
+    let row_units = geometry.queries.div_ceil(TASK_ROWS);
+    let units = batches * row_units;
+    let threads = match current_tract_executor() {
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        _ => 1,
+    };
+    let tasks = units.min(threads * TASKS_PER_THREAD);
     let out = OutPtr(out.as_mut_ptr());
     let task = |t: usize| {
-        let (b, chunk) = (t / row_tasks, t % row_tasks);
-        let rows = chunk * TASK_ROWS..((chunk + 1) * TASK_ROWS).min(geometry.queries);
+        let range = t * units / tasks..(t + 1) * units / tasks;
         // SAFETY: tasks write disjoint (batch, query row) ranges of the output.
         unsafe {
             match isa() {
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx512 => task_avx512(geometry, scale, data, out, b, rows),
+                Isa::Avx512 => task_avx512(geometry, scale, data, out, range),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => task_avx2(geometry, scale, data, out, b, rows),
-                Isa::Baseline => task_body::<16, Baseline>(geometry, scale, data, out, b, rows),
+                Isa::Avx2Fma => task_avx2(geometry, scale, data, out, range),
+                Isa::Baseline => task_body::<16, Baseline>(geometry, scale, data, out, range),
             }
         }
     };
     match current_tract_executor() {
-        Executor::MultiThread(pool) if pool.current_num_threads() > 1 && tasks > 1 => {
+        Executor::MultiThread(pool) if threads > 1 && tasks > 1 => {
             use rayon::prelude::*;
             pool.install(|| (0..tasks).into_par_iter().for_each(task))
         }
@@ -807,10 +817,9 @@ unsafe fn task_avx512(
     scale: f32,
     data: &[&[f32]],
     out: OutPtr,
-    b: usize,
-    rows: std::ops::Range<usize>,
+    units: std::ops::Range<usize>,
 ) {
-    unsafe { task_body::<32, Fused>(g, scale, data, out, b, rows) }
+    unsafe { task_body::<32, Fused>(g, scale, data, out, units) }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -820,10 +829,9 @@ unsafe fn task_avx2(
     scale: f32,
     data: &[&[f32]],
     out: OutPtr,
-    b: usize,
-    rows: std::ops::Range<usize>,
+    units: std::ops::Range<usize>,
 ) {
-    unsafe { task_body::<16, Fused>(g, scale, data, out, b, rows) }
+    unsafe { task_body::<16, Fused>(g, scale, data, out, units) }
 }
 
 /// Multiply-add, fused where the instruction set has it.
@@ -931,7 +939,10 @@ fn exp_nonpositive(x: f32) -> f32 {
     // Adding then subtracting 1.5·2²³ rounds to the nearest integer.
     const ROUND: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // t's bits are ROUND's plus n: 2ⁿ's exponent comes from them with integer arithmetic, no
+    // float-to-int conversion (Rust's saturating `as` would keep this loop scalar).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4;
     p = p * r + 1.398_2e-3;
@@ -940,7 +951,7 @@ fn exp_nonpositive(x: f32) -> f32 {
     p = p * r + 0.166_666_65;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    e * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
 }
 
 /// `dst[i] = src[start + i·stride]`; a plain copy when `stride` is 1.
@@ -956,40 +967,41 @@ fn gather(src: &[f32], start: isize, stride: isize, dst: &mut [f32]) {
     }
 }
 
-/// The largest value of `row`, in `W` lanes.
+/// `f` over `W` lanes (a power of two) pairwise, halving: vector operations, not a scalar chain.
 #[inline(always)]
-fn row_max<const W: usize>(row: &[f32]) -> f32 {
+fn reduce<const W: usize>(mut lanes: [f32; W], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut n = W;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            lanes[i] = f(lanes[i], lanes[i + n]);
+        }
+    }
+    lanes[0]
+}
+
+/// Softmax numerators of one row of scores in place, returning `1 / Σ`: `row` holds the `keys`
+/// scores then padding up to a multiple of `W`, which is set to -∞ and so takes no part (its
+/// `e^x` is below 2⁻¹²⁵, nothing beside a sum ≥ 1; the value products never read it).
+#[inline(always)]
+fn softmax_numerators<const W: usize>(row: &mut [f32], keys: usize) -> f32 {
+    debug_assert!(row.len().is_multiple_of(W) && keys <= row.len());
+    row[keys..].fill(f32::NEG_INFINITY);
     let mut lanes = [f32::NEG_INFINITY; W];
-    let mut chunks = row.chunks_exact(W);
-    for chunk in &mut chunks {
+    for chunk in row.chunks_exact(W) {
         for (lane, &x) in lanes.iter_mut().zip(chunk) {
             *lane = if x > *lane { x } else { *lane };
         }
     }
-    let tail = chunks.remainder().iter().copied();
-    lanes
-        .into_iter()
-        .chain(tail)
-        .fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// `row = e^(row - max)`, returning the sum of the new values (in `W` lanes).
-#[inline(always)]
-fn exp_in_place<const W: usize>(row: &mut [f32], max: f32) -> f32 {
+    let max = reduce(lanes, |a, b| if a > b { a } else { b });
     let mut lanes = [0f32; W];
-    let mut chunks = row.chunks_exact_mut(W);
-    for chunk in &mut chunks {
+    for chunk in row.chunks_exact_mut(W) {
         for (lane, x) in lanes.iter_mut().zip(chunk) {
             *x = exp_nonpositive(*x - max);
             *lane += *x;
         }
     }
-    let mut tail = 0.0;
-    for x in chunks.into_remainder() {
-        *x = exp_nonpositive(*x - max);
-        tail += *x;
-    }
-    lanes.iter().sum::<f32>() + tail
+    1.0 / reduce(lanes, |a, b| a + b)
 }
 
 /// Offset of batch index `b` (row-major over `batch`) with the given per-axis strides.
@@ -1006,27 +1018,28 @@ fn round_up(n: usize, m: usize) -> usize {
     n.div_ceil(m) * m
 }
 
-/// One task: batch index `b`, query `rows`.
+/// One task: the units `units` (see [`run`]), with one scratch.
 ///
 /// # Safety
-/// `out` is the output of `g.out_shape`; no other task writes the same batch index and rows.
+/// `out` is the output of `g.out_shape`; no other task writes the same units.
 #[inline(always)]
 unsafe fn task_body<const W: usize, F: MulAdd>(
     g: &Geometry,
     scale: f32,
     data: &[&[f32]],
     out: OutPtr,
-    b: usize,
-    rows: std::ops::Range<usize>,
+    units: std::ops::Range<usize>,
 ) {
     let rank = g.batch.len() + 2;
     let (d, nk, dv) = (g.depth, g.keys, g.depth_v);
     let nk_pad = round_up(nk, W);
     let dv_pad = round_up(dv, W);
+    let row_units = g.queries.div_ceil(TASK_ROWS);
     let block = (BLOCK_SCORES / nk_pad / TILE_ROWS * TILE_ROWS)
-        .clamp(TILE_ROWS, round_up(rows.len(), TILE_ROWS));
+        .clamp(TILE_ROWS, round_up(g.queries.min(TASK_ROWS), TILE_ROWS));
     let scratch = d * nk_pad + nk * dv_pad + block * (d + nk_pad + dv_pad);
     PEAK_SCRATCH.fetch_max(scratch, Ordering::Relaxed);
+    // Padding (kᵀ's columns past nk, v's past dv) stays zero: only the first nk / dv are written.
     let mut kt = vec![0f32; d * nk_pad];
     let mut vp = vec![0f32; nk * dv_pad];
     let mut qp = vec![0f32; block * d];
@@ -1034,68 +1047,153 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
     let mut o = vec![0f32; block * dv_pad];
 
     let (q, k, v) = (data[0], data[1], data[2]);
-    let q_base = batch_offset(&g.batch, &g.q, b);
-    let k_base = batch_offset(&g.batch, &g.k, b);
-    let v_base = batch_offset(&g.batch, &g.v, b);
-    let o_base = batch_offset(&g.batch, &g.out, b);
     let (q_row, q_col) = (g.q[rank - 2], g.q[rank - 1]);
     let (k_row, k_col) = (g.k[rank - 2], g.k[rank - 1]);
     let (v_row, v_col) = (g.v[rank - 2], g.v[rank - 1]);
     let (o_row, o_col) = (g.out[rank - 2], g.out[rank - 1]);
 
-    // kᵀ as d rows of keys, v as key rows of depth_v, zero-padded to the tile width.
-    // Read along whichever axis of kᵀ is contiguous in memory.
-    if k_row.abs() <= k_col.abs() {
-        for n in 0..nk {
-            let src = k_base + n as isize * k_col;
-            for dd in 0..d {
-                kt[dd * nk_pad + n] = k[(src + dd as isize * k_row) as usize];
-            }
-        }
-    } else {
-        for dd in 0..d {
-            gather(
-                k,
-                k_base + dd as isize * k_row,
-                k_col,
-                &mut kt[dd * nk_pad..dd * nk_pad + nk],
-            );
-        }
-    }
-    for n in 0..nk {
-        let dst = &mut vp[n * dv_pad..n * dv_pad + dv];
-        gather(v, v_base + n as isize * v_row, v_col, dst);
-    }
-
-    let mut start = rows.start;
-    while start < rows.end {
-        let count = block.min(rows.end - start);
-        let padded = round_up(count, TILE_ROWS);
-        for r in 0..padded {
-            let dst = &mut qp[r * d..(r + 1) * d];
-            if r < count {
-                gather(q, q_base + (start + r) as isize * q_row, q_col, dst);
+    // q rows are read in place when contiguous (whole tiles; a last partial tile is copied and
+    // zero-padded), and v rows when contiguous and a whole number of tiles wide.
+    let q_in_place = q_col == 1;
+    let v_in_place = v_col == 1 && dv % W == 0;
+    let mut loaded = None;
+    for unit in units {
+        let (b, chunk) = (unit / row_units, unit % row_units);
+        let rows = chunk * TASK_ROWS..((chunk + 1) * TASK_ROWS).min(g.queries);
+        let q_base = batch_offset(&g.batch, &g.q, b);
+        let o_base = batch_offset(&g.batch, &g.out, b);
+        let v_base = batch_offset(&g.batch, &g.v, b);
+        if loaded != Some(b) {
+            loaded = Some(b);
+            let k_base = batch_offset(&g.batch, &g.k, b);
+            // kᵀ as d rows of keys, v as key rows of depth_v, zero-padded to the tile width.
+            // Read along whichever axis of kᵀ is contiguous in memory.
+            if k_row.abs() <= k_col.abs() {
+                let last = k_base + (nk as isize - 1) * k_col + (d as isize - 1) * k_row;
+                assert!(k_base >= 0 && (last as usize) < k.len() && kt.len() >= d * nk_pad);
+                // Keys outer, so that each key's row is read once, contiguously when its
+                // stride is 1; stores four keys at a time along kᵀ's rows.
+                let mut n = 0;
+                while n < nk {
+                    let take = (nk - n).min(4);
+                    let src = k_base + n as isize * k_col;
+                    for dd in 0..d {
+                        let row = dd * nk_pad + n;
+                        for i in 0..take {
+                            // SAFETY: the first and last indices are asserted above, strides ≥ 0.
+                            unsafe {
+                                *kt.get_unchecked_mut(row + i) = *k.get_unchecked(
+                                    (src + i as isize * k_col + dd as isize * k_row) as usize,
+                                )
+                            };
+                        }
+                    }
+                    n += take;
+                }
             } else {
-                dst.fill(0.0);
+                for dd in 0..d {
+                    gather(
+                        k,
+                        k_base + dd as isize * k_row,
+                        k_col,
+                        &mut kt[dd * nk_pad..dd * nk_pad + nk],
+                    );
+                }
+            }
+            if !v_in_place {
+                for n in 0..nk {
+                    let dst = &mut vp[n * dv_pad..n * dv_pad + dv];
+                    gather(v, v_base + n as isize * v_row, v_col, dst);
+                }
             }
         }
-        matmul::<W, F>(&qp, d, &kt, nk_pad, d, &mut s, nk_pad, padded, nk_pad);
-        let mut inv_sums = [0f32; BLOCK_SCORES / TILE_ROWS];
-        for r in 0..count {
-            let row = &mut s[r * nk_pad..r * nk_pad + nk];
-            let query = start + r;
-            add_bias(g, data, b, query, scale, row);
-            inv_sums[r] = 1.0 / exp_in_place::<W>(row, row_max::<W>(row));
-        }
-        matmul::<W, F>(&s, nk_pad, &vp, dv_pad, nk, &mut o, dv_pad, padded, dv_pad);
-        for (r, &inv) in inv_sums.iter().enumerate().take(count) {
-            let dst = o_base + (start + r) as isize * o_row;
-            for (c, &x) in o[r * dv_pad..r * dv_pad + dv].iter().enumerate() {
-                // SAFETY: inside the output; this task alone writes these rows.
-                unsafe { *out.0.offset(dst + c as isize * o_col) = x * inv };
+
+        let mut start = rows.start;
+        while start < rows.end {
+            let count = block.min(rows.end - start);
+            let padded = round_up(count, TILE_ROWS);
+            let direct = if q_in_place {
+                count / TILE_ROWS * TILE_ROWS
+            } else {
+                0
+            };
+            if direct > 0 {
+                let a = &q[(q_base + start as isize * q_row) as usize..];
+                matmul::<W, F>(
+                    a,
+                    q_row as usize,
+                    &kt,
+                    nk_pad,
+                    d,
+                    &mut s,
+                    nk_pad,
+                    direct,
+                    nk_pad,
+                );
             }
+            for r in 0..padded - direct {
+                let dst = &mut qp[r * d..(r + 1) * d];
+                if direct + r < count {
+                    let src = q_base + (start + direct + r) as isize * q_row;
+                    gather(q, src, q_col, dst);
+                } else {
+                    dst.fill(0.0);
+                }
+            }
+            if padded > direct {
+                let rest = &mut s[direct * nk_pad..];
+                matmul::<W, F>(
+                    &qp,
+                    d,
+                    &kt,
+                    nk_pad,
+                    d,
+                    rest,
+                    nk_pad,
+                    padded - direct,
+                    nk_pad,
+                );
+            }
+            let mut inv_sums = [0f32; BLOCK_SCORES / TILE_ROWS];
+            for r in 0..count {
+                let row = &mut s[r * nk_pad..(r + 1) * nk_pad];
+                add_bias(g, data, b, start + r, scale, &mut row[..nk]);
+                inv_sums[r] = softmax_numerators::<W>(row, nk);
+            }
+            if v_in_place {
+                let bv = &v[v_base as usize..];
+                matmul::<W, F>(
+                    &s,
+                    nk_pad,
+                    bv,
+                    v_row as usize,
+                    nk,
+                    &mut o,
+                    dv_pad,
+                    padded,
+                    dv,
+                );
+            } else {
+                matmul::<W, F>(&s, nk_pad, &vp, dv_pad, nk, &mut o, dv_pad, padded, dv_pad);
+            }
+            for (r, &inv) in inv_sums.iter().enumerate().take(count) {
+                let dst = o_base + (start + r) as isize * o_row;
+                let src = &o[r * dv_pad..r * dv_pad + dv];
+                if o_col == 1 {
+                    // SAFETY: inside the output; this task alone writes these rows.
+                    let dst = unsafe { std::slice::from_raw_parts_mut(out.0.offset(dst), dv) };
+                    for (y, &x) in dst.iter_mut().zip(src) {
+                        *y = x * inv;
+                    }
+                } else {
+                    for (c, &x) in src.iter().enumerate() {
+                        // SAFETY: as above.
+                        unsafe { *out.0.offset(dst + c as isize * o_col) = x * inv };
+                    }
+                }
+            }
+            start += count;
         }
-        start += count;
     }
 }
 
@@ -1285,6 +1383,47 @@ mod tests {
                 &op,
                 vec![x.clone(), x.clone(), x, vec![heads, tokens, tokens]],
                 None,
+            );
+        }
+    }
+
+    /// Not a test: times the operator on TinyViT's window shapes, for measuring a change
+    /// (`cargo test --release --lib window_attention_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn window_attention_timing() {
+        let op = Attention {
+            q_perm: vec![0, 2, 1, 3],
+            k_perm: vec![0, 2, 3, 1],
+            v_perm: vec![0, 2, 1, 3],
+            out_perm: vec![0, 2, 1, 3],
+            scale: 32f32.powf(-0.5),
+            bias: BiasKind::Dense,
+        };
+        for (windows, tokens, heads) in [(361, 49, 4), (25, 196, 5), (100, 49, 10)] {
+            let x = vec![windows, tokens, heads, 32];
+            let shapes = vec![x.clone(), x.clone(), x, vec![heads, tokens, tokens]];
+            let inputs: TVec<TValue> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| {
+                    Tensor::from_shape(s, &values(s.iter().product(), i))
+                        .unwrap()
+                        .into_tvalue()
+                })
+                .collect();
+            let mut best = f64::INFINITY;
+            for _ in 0..20 {
+                let start = std::time::Instant::now();
+                op.eval(&EvalContext::out_of_plan(), inputs.clone())
+                    .unwrap();
+                best = best.min(start.elapsed().as_secs_f64());
+            }
+            let flops = 4.0 * (windows * heads * tokens * tokens * 32) as f64;
+            eprintln!(
+                "{windows}x{heads} windows of {tokens}: {:.2} ms, {:.1} GFLOP/s",
+                best * 1e3,
+                flops / best / 1e9
             );
         }
     }
