@@ -1402,7 +1402,7 @@ mod tests {
         };
         for (windows, tokens, heads) in [(361, 49, 4), (25, 196, 5), (100, 49, 10)] {
             let x = vec![windows, tokens, heads, 32];
-            let shapes = vec![x.clone(), x.clone(), x, vec![heads, tokens, tokens]];
+            let shapes = [x.clone(), x.clone(), x, vec![heads, tokens, tokens]];
             let inputs: TVec<TValue> = shapes
                 .iter()
                 .enumerate()
