@@ -11,6 +11,7 @@
 
 mod attention;
 mod fast_ops;
+mod layer_norm;
 
 pub use attention::peak_scratch_values as attention_peak_scratch_values;
 
@@ -98,8 +99,10 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
     Ok(parse_onnx_fused(path, bytes, false)?.0)
 }
 
-/// Parses an ONNX file; with `fuse_attention`, attention subgraphs become samrt's operator
-/// first ([`attention::fuse`]). Returns the model and how many attention blocks were fused.
+/// Parses an ONNX file. Spelled-out layer normalizations become one operator first
+/// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), and with
+/// `fuse_attention` attention subgraphs become samrt's operator ([`attention::fuse`]). Returns
+/// the model and how many attention blocks were fused.
 fn parse_onnx_fused(
     path: &Path,
     bytes: &[u8],
@@ -123,10 +126,15 @@ fn parse_onnx_fused(
     let mut proto = onnx
         .proto_model_for_read(&mut &*bytes)
         .map_err(unreadable)?;
-    let fused = match proto.graph.as_mut() {
-        Some(graph) if fuse_attention => attention::fuse(graph),
-        _ => 0,
-    };
+    let mut fused = 0;
+    if let Some(graph) = proto.graph.as_mut() {
+        if std::env::var("SAMRT_LAYER_NORM").map_or(true, |v| v != "0") {
+            layer_norm::recompose(graph);
+        }
+        if fuse_attention {
+            fused = attention::fuse(graph);
+        }
+    }
     let model = onnx.model_for_proto_model(&proto).map_err(unreadable)?;
     reject_known_miscompilations(path, &model)?;
     Ok((model, fused))
@@ -1040,6 +1048,20 @@ mod tests {
         assert_eq!(softmaxes, 0, "a Softmax was left unfused");
         let (_, unfused) = parse_onnx_fused(&files.encoder, &bytes, false).unwrap();
         assert_eq!(unfused, 0);
+    }
+
+    #[test]
+    fn every_tinyvit_spelled_out_layer_norm_is_recomposed() {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
+        let onnx = fast_ops::onnx();
+        let mut proto = onnx.proto_model_for_read(&mut &*bytes).unwrap();
+        // 2 norms (attention, MLP) in each of the 10 transformer blocks; the neck's two
+        // channel-axis norms stay as they are.
+        assert_eq!(layer_norm::recompose(proto.graph.as_mut().unwrap()), 20);
+        let graph = proto.graph.as_ref().unwrap();
+        let pows = graph.node.iter().filter(|n| n.op_type == "Pow").count();
+        assert_eq!(pows, 2);
     }
 
     /// Deterministic embedding values in [-0.5, 0.5]: `(i * step) % period` scaled.
