@@ -27,6 +27,8 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
+use super::vector_math::{exp_nonpositive, isa, Baseline, Fused, Isa, MulAdd};
+
 /// The ONNX operator type of a fused attention node (samrt's own domain).
 pub const OP_TYPE: &str = "SamrtAttention";
 const DOMAIN: &str = "ai.samrt";
@@ -746,34 +748,6 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
-/// The instruction set the kernels are compiled for, probed once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    #[cfg(target_arch = "x86_64")]
-    Avx512,
-    #[cfg(target_arch = "x86_64")]
-    Avx2Fma,
-    Baseline,
-}
-
-fn isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx512f") {
-                return Isa::Avx512;
-            }
-            if std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-            {
-                return Isa::Avx2Fma;
-            }
-        }
-        Isa::Baseline
-    })
-}
-
 /// Runs the whole call over tract's thread pool. The work is cut into units of (batch index,
 /// at most [`TASK_ROWS`] query rows); a task takes a run of consecutive units and one scratch for
 /// all of them, so that many small windows do not each allocate. A unit's result does not depend
@@ -832,35 +806,6 @@ unsafe fn task_avx2(
     units: std::ops::Range<usize>,
 ) {
     unsafe { task_body::<16, Fused>(g, scale, data, out, units) }
-}
-
-/// Multiply-add, fused where the instruction set has it.
-trait MulAdd {
-    fn mul_add(a: f32, b: f32, c: f32) -> f32;
-}
-
-/// For kernels compiled with FMA (x86_64 with `fma`/`avx512f`, aarch64).
-#[allow(dead_code)]
-struct Fused;
-impl MulAdd for Fused {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        a.mul_add(b, c)
-    }
-}
-
-/// The target's baseline: fused on aarch64 (always has FMA), separate elsewhere (a software
-/// `fma` call would be far slower than a multiply and an add).
-struct Baseline;
-impl MulAdd for Baseline {
-    #[inline(always)]
-    fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-        if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
-            a.mul_add(b, c)
-        } else {
-            a * b + c
-        }
-    }
 }
 
 /// `c[r][0..W] = Σₖ a[r][k] · b[k][0..W]` for `R` rows: one register tile.
@@ -929,31 +874,6 @@ fn matmul<const W: usize, F: MulAdd>(
     }
 }
 
-/// `e^x` for `x ≤ 0` (softmax after subtracting the row's maximum), in plain arithmetic that
-/// vectorizes: Cephes' `expf` polynomial on `x - n·ln 2`, times `2^n`; relative error ~2e-7.
-#[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding then subtracting 1.5·2²³ rounds to the nearest integer.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.max(-87.0);
-    // t's bits are ROUND's plus n: 2ⁿ's exponent comes from them with integer arithmetic, no
-    // float-to-int conversion (Rust's saturating `as` would keep this loop scalar).
-    let t = x * LOG2E + ROUND;
-    let n = t - ROUND;
-    let r = x - n * LN2_HI - n * LN2_LO;
-    let mut p = 1.987_569_1e-4;
-    p = p * r + 1.398_2e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 0.166_666_65;
-    p = p * r + 0.5;
-    let e = p * r * r + r + 1.0;
-    e * f32::from_bits(t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127) << 23)
-}
-
 /// `dst[i] = src[start + i·stride]`; a plain copy when `stride` is 1.
 #[inline(always)]
 fn gather(src: &[f32], start: isize, stride: isize, dst: &mut [f32]) {
@@ -984,7 +904,7 @@ fn reduce<const W: usize>(mut lanes: [f32; W], f: impl Fn(f32, f32) -> f32) -> f
 /// scores then padding up to a multiple of `W`, which is set to -∞ and so takes no part (its
 /// `e^x` is below 2⁻¹²⁵, nothing beside a sum ≥ 1; the value products never read it).
 #[inline(always)]
-fn softmax_numerators<const W: usize>(row: &mut [f32], keys: usize) -> f32 {
+fn softmax_numerators<const W: usize, F: MulAdd>(row: &mut [f32], keys: usize) -> f32 {
     debug_assert!(row.len().is_multiple_of(W) && keys <= row.len());
     row[keys..].fill(f32::NEG_INFINITY);
     let mut lanes = [f32::NEG_INFINITY; W];
@@ -997,7 +917,7 @@ fn softmax_numerators<const W: usize>(row: &mut [f32], keys: usize) -> f32 {
     let mut lanes = [0f32; W];
     for chunk in row.chunks_exact_mut(W) {
         for (lane, x) in lanes.iter_mut().zip(chunk) {
-            *x = exp_nonpositive(*x - max);
+            *x = exp_nonpositive::<F>(*x - max);
             *lane += *x;
         }
     }
@@ -1158,7 +1078,7 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
             for r in 0..count {
                 let row = &mut s[r * nk_pad..(r + 1) * nk_pad];
                 add_bias(g, data, b, start + r, scale, &mut row[..nk]);
-                inv_sums[r] = softmax_numerators::<W>(row, nk);
+                inv_sums[r] = softmax_numerators::<W, F>(row, nk);
             }
             if v_in_place {
                 let bv = &v[v_base as usize..];
@@ -1490,17 +1410,5 @@ mod tests {
         assert!(op.geometry(&[&q, &kt, &v, &[5, 8]]).is_err());
         assert!(op.geometry(&[&q, &[2, 7, 9], &v, &[5, 9]]).is_err());
         assert!(op.geometry(&[&q, &kt, &[3, 9, 4], &[5, 9]]).is_err());
-    }
-
-    #[test]
-    fn exp_matches_std_on_softmax_inputs() {
-        for i in 0..87_000 {
-            let x = -(i as f32) * 1e-3;
-            let (got, want) = (exp_nonpositive(x), x.exp());
-            assert!((got - want).abs() <= 4e-7 * want, "{x}: {got} vs {want}");
-        }
-        // Below e^-87 (1.6e-38) values are clamped there: nothing next to a row's maximum (1.0).
-        assert_eq!(exp_nonpositive(-200.0), exp_nonpositive(-87.0));
-        assert!(exp_nonpositive(-87.0) < 2e-38);
     }
 }

@@ -29,6 +29,12 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx.op_register.insert("Softmax", softmax);
     onnx.op_register
         .insert(super::attention::OP_TYPE, super::attention::build);
+    onnx.op_register.insert(
+        super::depthwise::DEPTHWISE_OP,
+        super::depthwise::build_depthwise,
+    );
+    onnx.op_register
+        .insert(super::depthwise::GELU_OP, super::depthwise::build_gelu);
     onnx
 }
 

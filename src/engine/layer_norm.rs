@@ -220,7 +220,7 @@ pub fn recompose(graph: &mut pb::GraphProto) -> usize {
 }
 
 /// The value of a one-element f32 tensor (raw or typed data).
-fn scalar_value(t: &pb::TensorProto) -> Option<f32> {
+pub(super) fn scalar_value(t: &pb::TensorProto) -> Option<f32> {
     if t.data_type != pb::tensor_proto::DataType::Float as i32
         || t.dims.iter().product::<i64>() != 1
     {

@@ -10,8 +10,10 @@
 //!   specialized per prompt shape (number of points, mask input or not) and kept.
 
 mod attention;
+mod depthwise;
 mod fast_ops;
 mod layer_norm;
+mod vector_math;
 
 pub use attention::peak_scratch_values as attention_peak_scratch_values;
 
@@ -100,7 +102,8 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 }
 
 /// Parses an ONNX file. Spelled-out layer normalizations become one operator first
-/// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), and with
+/// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), GELUs and
+/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`), and with
 /// `fuse_attention` attention subgraphs become samrt's operator ([`attention::fuse`]). Returns
 /// the model and how many attention blocks were fused.
 fn parse_onnx_fused(
@@ -130,6 +133,9 @@ fn parse_onnx_fused(
     if let Some(graph) = proto.graph.as_mut() {
         if std::env::var("SAMRT_LAYER_NORM").map_or(true, |v| v != "0") {
             layer_norm::recompose(graph);
+        }
+        if std::env::var("SAMRT_DEPTHWISE_GELU").map_or(true, |v| v != "0") {
+            depthwise::fuse(graph);
         }
         if fuse_attention {
             fused = attention::fuse(graph);
