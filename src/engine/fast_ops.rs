@@ -28,6 +28,8 @@ pub fn onnx() -> tract_onnx::Onnx {
         .insert("LayerNormalization", layer_normalization);
     onnx.op_register.insert("Softmax", softmax);
     onnx.op_register
+        .insert(super::layer_norm::CHANNEL_NORM_OP, channel_layer_norm);
+    onnx.op_register
         .insert(super::attention::OP_TYPE, super::attention::build);
     onnx.op_register.insert(
         super::depthwise::DEPTHWISE_OP,
@@ -325,6 +327,175 @@ impl TypedOp for LastAxisLayerNorm {
     }
 
     as_op!();
+}
+
+/// Builds a `SamrtChannelNorm` node ([`super::layer_norm::recompose`]).
+fn channel_layer_norm(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let epsilon: f32 = node.get_attr_opt("epsilon")?.unwrap_or(1e-6);
+    Ok((expand(ChannelLayerNormExpansion { epsilon }), vec![]))
+}
+
+#[derive(Debug, Clone)]
+struct ChannelLayerNormExpansion {
+    epsilon: f32,
+}
+
+impl Expansion for ChannelLayerNormExpansion {
+    fn name(&self) -> StaticName {
+        "ChannelLayerNorm".into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        same_type_and_shape(s, inputs, outputs, 3)?;
+        s.equals(&inputs[0].rank, 4)?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        for input in inputs {
+            ensure!(
+                model.outlet_fact(*input)?.datum_type == f32::datum_type(),
+                "SamrtChannelNorm: f32 only"
+            );
+        }
+        model.wire_node(
+            prefix,
+            ChannelLayerNorm {
+                epsilon: self.epsilon,
+            },
+            inputs,
+        )
+    }
+}
+
+/// Layer normalization over the channel axis of an NCHW f32 tensor (SAM's `LayerNorm2d`):
+/// per pixel, `(x - mean) / sqrt(variance + ε) · weight[c] + bias[c]` over the C channels,
+/// variance biased. Inputs: x, weight and bias of C values (any shape, e.g. `[C, 1, 1]`).
+/// Statistics are taken over pixel ranges, then channel planes normalized, both on tract's pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChannelLayerNorm {
+    epsilon: f32,
+}
+
+impl std::hash::Hash for ChannelLayerNorm {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.epsilon.to_bits().hash(state);
+    }
+}
+
+impl Eq for ChannelLayerNorm {}
+
+impl Op for ChannelLayerNorm {
+    fn name(&self) -> StaticName {
+        "ChannelLayerNorm".into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!("epsilon: {}", self.epsilon)])
+    }
+
+    op_as_typed_op!();
+}
+
+impl TypedOp for ChannelLayerNorm {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        like_first_input(inputs)
+    }
+
+    as_op!();
+}
+
+impl EvalOp for ChannelLayerNorm {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (x, weight, bias) = args_3!(inputs);
+        let mut x = x.into_tensor();
+        let shape = x.shape().to_vec();
+        ensure!(shape.len() == 4, "ChannelLayerNorm: NCHW input expected");
+        let (n, c, plane) = (shape[0], shape[1], shape[2] * shape[3]);
+        let weight = weight.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        ensure!(
+            weight.len() == c && bias.len() == c,
+            "ChannelLayerNorm: weight ({}) and bias ({}) must have the {c} channels",
+            weight.len(),
+            bias.len()
+        );
+        if n * c * plane == 0 {
+            return Ok(tvec!(x.into_tvalue()));
+        }
+        let mut view = x.try_as_plain_ram_mut()?;
+        let data = view.as_slice_mut::<f32>()?;
+        let mut stats = vec![[0f32; 2]; plane];
+        for image in data.chunks_exact_mut(c * plane) {
+            {
+                let image: &[f32] = image;
+                par_chunks_mut(&mut stats, 1, plane * c, |first, stats| {
+                    channel_stats(image, c, plane, first, stats, self.epsilon);
+                    Ok(())
+                })?;
+            }
+            let stats = &stats;
+            par_chunks_mut(image, plane, c * plane, |first, planes| {
+                for (i, values) in planes.chunks_exact_mut(plane).enumerate() {
+                    let (w, b) = (weight[first + i], bias[first + i]);
+                    for (v, [mean, inv_std]) in values.iter_mut().zip(stats) {
+                        *v = (*v - mean) * inv_std * w + b;
+                    }
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(x.into_tvalue()))
+    }
+}
+
+/// Mean and `1 / sqrt(variance + ε)` over the `c` channels of the pixels `first..` that `stats`
+/// covers, accumulated channel by channel (each a contiguous run of pixels).
+fn channel_stats(
+    image: &[f32],
+    c: usize,
+    plane: usize,
+    first: usize,
+    stats: &mut [[f32; 2]],
+    epsilon: f32,
+) {
+    let len = stats.len();
+    let rows = |ch: usize| &image[ch * plane + first..ch * plane + first + len];
+    let mut acc = vec![0f32; len];
+    for ch in 0..c {
+        for (a, &v) in acc.iter_mut().zip(rows(ch)) {
+            *a += v;
+        }
+    }
+    let inv_c = 1.0 / c as f32;
+    for (s, a) in stats.iter_mut().zip(&mut acc) {
+        s[0] = *a * inv_c;
+        *a = 0.0;
+    }
+    for ch in 0..c {
+        for ((a, &v), s) in acc.iter_mut().zip(rows(ch)).zip(stats.iter()) {
+            let d = v - s[0];
+            *a += d * d;
+        }
+    }
+    for (s, a) in stats.iter_mut().zip(&acc) {
+        s[1] = 1.0 / (*a * inv_c + epsilon).sqrt();
+    }
 }
 
 #[cfg(test)]

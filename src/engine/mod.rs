@@ -1062,12 +1062,14 @@ mod tests {
         let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
         let onnx = fast_ops::onnx();
         let mut proto = onnx.proto_model_for_read(&mut &*bytes).unwrap();
-        // 2 norms (attention, MLP) in each of the 10 transformer blocks; the neck's two
-        // channel-axis norms stay as they are.
-        assert_eq!(layer_norm::recompose(proto.graph.as_mut().unwrap()), 20);
+        // 2 norms (attention, MLP) in each of the 10 transformer blocks, and the neck's two
+        // channel-axis norms.
+        assert_eq!(layer_norm::recompose(proto.graph.as_mut().unwrap()), 22);
         let graph = proto.graph.as_ref().unwrap();
-        let pows = graph.node.iter().filter(|n| n.op_type == "Pow").count();
-        assert_eq!(pows, 2);
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("Pow"), 0);
+        assert_eq!(count("LayerNormalization"), 20);
+        assert_eq!(count(layer_norm::CHANNEL_NORM_OP), 2);
     }
 
     /// Deterministic embedding values in [-0.5, 0.5]: `(i * step) % period` scaled.
