@@ -37,6 +37,8 @@ pub fn onnx() -> tract_onnx::Onnx {
     );
     onnx.op_register
         .insert(super::depthwise::GELU_OP, super::depthwise::build_gelu);
+    onnx.op_register
+        .insert(super::linear::OP_TYPE, super::linear::build);
     onnx
 }
 

@@ -13,6 +13,7 @@ mod attention;
 mod depthwise;
 mod fast_ops;
 mod layer_norm;
+mod linear;
 mod vector_math;
 
 pub use attention::peak_scratch_values as attention_peak_scratch_values;
@@ -103,7 +104,8 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 
 /// Parses an ONNX file. Spelled-out layer normalizations become one operator first
 /// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), GELUs and
-/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`), and with
+/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`), linear
+/// layers too where its AVX-512 kernel runs ([`linear::fuse`]; `SAMRT_LINEAR=0`), and with
 /// `fuse_attention` attention subgraphs become samrt's operator ([`attention::fuse`]). Returns
 /// the model and how many attention blocks were fused.
 fn parse_onnx_fused(
@@ -136,6 +138,9 @@ fn parse_onnx_fused(
         }
         if std::env::var("SAMRT_DEPTHWISE_GELU").map_or(true, |v| v != "0") {
             depthwise::fuse(graph);
+        }
+        if linear::available() && std::env::var("SAMRT_LINEAR").map_or(true, |v| v != "0") {
+            linear::fuse(graph);
         }
         if fuse_attention {
             fused = attention::fuse(graph);

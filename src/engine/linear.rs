@@ -1,0 +1,769 @@
+//! Linear layers, `x · W + b` with constant weights (and the GELU after them), as a samrt
+//! operator on CPUs with AVX-512.
+//!
+//! The transformer blocks' linear layers (qkv, proj, fc1, fc2: 40 in the default encoder, half
+//! of its arithmetic) are where tract loses most to onnxruntime on SAM's shapes: its AVX-512
+//! kernel works on packed activations (a copy of every input, ~50 ms a frame) and reaches
+//! 45–157 GFLOP/s on these shapes on this project's machine, where a kernel that reads the
+//! activations in place reaches 215–240 (`linear_timing_against_tract`). Here the weights are
+//! packed once, when the plan is built, into panels of 32 columns; each 6-row x 32-column tile
+//! of the output is twelve AVX-512 accumulators over the whole of k, fed by two weight loads and
+//! six broadcasts of the activations per step, plus the bias at the end; blocks of 96 rows keep
+//! their activations and one weight panel in L2. The GELU that follows fc1 is applied to each
+//! block while it is in cache. Row blocks are split over tract's thread pool; every row's result
+//! is the same at any thread count.
+//!
+//! [`fuse`] rewrites `MatMul(x, W)` + `Add(b)` (W `[K, N]` and b `[N]` initializers) before tract
+//! parses the graph, and takes in a GELU ([`super::depthwise`]'s `SamrtGelu`) that the layer feeds
+//! alone. It does so only where the AVX-512 kernel runs: elsewhere tract's own kernels (NEON on
+//! the boards) stay in charge. The operator's plain-arithmetic path computes the same on any CPU,
+//! for the tests.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_onnx::tract_hir::internal::*;
+
+use super::vector_math::{gelu, isa, Baseline, Fused, Isa, MulAdd};
+
+/// The ONNX operator type of a fused linear layer (samrt's domain).
+pub const OP_TYPE: &str = "SamrtLinear";
+const DOMAIN: &str = "ai.samrt";
+
+/// Rows of a register tile.
+const TILE_ROWS: usize = 6;
+/// Rows of one block (its activations and one weight panel stay in L2), the unit of threading.
+const BLOCK_ROWS: usize = 96;
+/// Tasks per thread of tract's pool, for balance between them.
+const TASKS_PER_THREAD: usize = 4;
+
+/// Whether this CPU runs the fast kernel (and so whether [`fuse`] rewrites anything).
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        isa() == Isa::Avx512
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The ONNX rewrite.
+
+/// Replaces `MatMul(x, W)` followed by `Add(·, b)` (either operand order), with `W` a 2-d and
+/// `b` a 1-d float initializer, and optionally the `SamrtGelu` fed by the `Add` alone, by one
+/// `SamrtLinear` node; returns how many. Run after [`super::depthwise::fuse`] (which makes the
+/// GELUs) and only when [`available`].
+pub fn fuse(graph: &mut pb::GraphProto) -> usize {
+    let nodes = &graph.node;
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for input in &node.input {
+            consumers.entry(input).or_default().push(i);
+        }
+    }
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let initializers: HashMap<&str, &pb::TensorProto> = graph
+        .initializer
+        .iter()
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let single = |name: &str, op: &str| -> Option<usize> {
+        if graph_outputs.contains(name) {
+            return None;
+        }
+        match consumers.get(name).map(|c| c.as_slice()) {
+            Some([only]) if nodes[*only].op_type == op => Some(*only),
+            _ => None,
+        }
+    };
+    let float = |name: &str, rank: usize| {
+        initializers.get(name).filter(|t| {
+            t.dims.len() == rank && t.data_type == pb::tensor_proto::DataType::Float as i32
+        })
+    };
+    let mut removed: HashSet<usize> = HashSet::new();
+    let mut fused: HashMap<usize, NodeProto> = HashMap::new();
+    for (mm_ix, mm) in nodes.iter().enumerate() {
+        if mm.op_type != "MatMul" || mm.input.len() != 2 {
+            continue;
+        }
+        let Some(weight) = float(&mm.input[1], 2) else {
+            continue;
+        };
+        let Some(add_ix) = single(&mm.output[0], "Add") else {
+            continue;
+        };
+        let add = &nodes[add_ix];
+        let bias = match add.input.as_slice() {
+            [a, b] if *a == mm.output[0] => b,
+            [a, b] if *b == mm.output[0] => a,
+            _ => continue,
+        };
+        if float(bias, 1).is_none_or(|b| b.dims[0] != weight.dims[1]) {
+            continue;
+        }
+        let gelu = single(&add.output[0], super::depthwise::GELU_OP)
+            .filter(|&g| nodes[g].domain == DOMAIN);
+        let output = gelu.map_or(&add.output[0], |g| &nodes[g].output[0]);
+        let last = gelu.unwrap_or(add_ix);
+        let node = NodeProto {
+            name: format!("{}.samrt_linear", mm.name),
+            op_type: OP_TYPE.into(),
+            domain: DOMAIN.into(),
+            input: vec![mm.input[0].clone(), mm.input[1].clone(), bias.clone()],
+            output: vec![output.clone()],
+            attribute: vec![AttributeProto {
+                name: "gelu".into(),
+                r#type: AttributeType::Int as i32,
+                i: gelu.is_some() as i64,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        removed.extend([mm_ix, add_ix]);
+        removed.extend(gelu);
+        // In place of the chain's last node, where its inputs exist.
+        fused.insert(last, node);
+    }
+    let count = fused.len();
+    if count > 0 {
+        let old = std::mem::take(&mut graph.node);
+        for (i, node) in old.into_iter().enumerate() {
+            if let Some(new) = fused.remove(&i) {
+                graph.node.push(new);
+            } else if !removed.contains(&i) {
+                graph.node.push(node);
+            }
+        }
+    }
+    count
+}
+
+// ---------------------------------------------------------------------------------------------
+// The operator, as tract's parser builds it.
+
+/// Builds a `SamrtLinear` node.
+pub fn build(
+    _ctx: &ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let gelu = node.get_attr_opt::<i64>("gelu")?.unwrap_or(0) != 0;
+    Ok((expand(LinearExpansion { gelu }), vec![]))
+}
+
+#[derive(Debug, Clone)]
+struct LinearExpansion {
+    gelu: bool,
+}
+
+impl Expansion for LinearExpansion {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        s.given_2(&inputs[0].shape, &inputs[1].shape, move |s, x, w| {
+            let mut shape = x.clone();
+            if let (Some(last), Some(n)) = (shape.last_mut(), w.get(1)) {
+                *last = n.clone();
+            }
+            s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
+            Ok(())
+        })?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let x = model.outlet_fact(inputs[0])?.clone();
+        let w = model.outlet_fact(inputs[1])?.konst.clone();
+        let b = model.outlet_fact(inputs[2])?.konst.clone();
+        let (Some(w), Some(b)) = (w, b) else {
+            bail!("SamrtLinear: weights and bias must be constants");
+        };
+        ensure!(
+            x.datum_type == f32::datum_type()
+                && w.datum_type() == f32::datum_type()
+                && b.datum_type() == f32::datum_type(),
+            "SamrtLinear: f32 only"
+        );
+        ensure!(
+            w.rank() == 2 && b.shape() == [w.shape()[1]],
+            "SamrtLinear: weights {:?} and bias {:?}",
+            w.shape(),
+            b.shape()
+        );
+        let (k, n) = (w.shape()[0], w.shape()[1]);
+        let op = Linear::new(
+            w.try_as_plain_ram()?.as_slice::<f32>()?,
+            b.try_as_plain_ram()?.as_slice::<f32>()?,
+            k,
+            n,
+            self.gelu,
+            panel_width(),
+        );
+        model.wire_node(prefix, op, &inputs[..1])
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The typed operator.
+
+/// `W` packed in panels of `width` columns: panel `p` holds rows `0..k` of columns
+/// `p·width..(p+1)·width` contiguously, zero-padded past `n`.
+#[derive(Debug, Clone, PartialEq)]
+struct PackedWeights {
+    k: usize,
+    n: usize,
+    width: usize,
+    data: Vec<f32>,
+    /// The bias, zero-padded to whole panels.
+    bias: Vec<f32>,
+}
+
+impl PackedWeights {
+    fn new(weights: &[f32], bias: &[f32], k: usize, n: usize, width: usize) -> Self {
+        let panels = n.div_ceil(width);
+        let mut data = vec![0f32; panels * k * width];
+        for (kk, row) in weights.chunks_exact(n).enumerate().take(k) {
+            for (col, &v) in row.iter().enumerate() {
+                let (p, j) = (col / width, col % width);
+                data[(p * k + kk) * width + j] = v;
+            }
+        }
+        let mut padded = vec![0f32; panels * width];
+        padded[..n].copy_from_slice(&bias[..n]);
+        PackedWeights {
+            k,
+            n,
+            width,
+            data,
+            bias: padded,
+        }
+    }
+}
+
+/// `y = x · W + b` over the last axis of `x` (then GELU if `gelu`), `W` packed at load.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weights: Arc<PackedWeights>,
+    gelu: bool,
+}
+
+impl PartialEq for Linear {
+    fn eq(&self, other: &Self) -> bool {
+        self.gelu == other.gelu && self.weights == other.weights
+    }
+}
+
+impl Eq for Linear {}
+
+impl std::hash::Hash for Linear {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (
+            self.weights.k,
+            self.weights.n,
+            self.weights.width,
+            self.gelu,
+        )
+            .hash(state);
+        for v in self.weights.data.iter().take(64) {
+            v.to_bits().hash(state);
+        }
+    }
+}
+
+/// The panel width of the kernel this CPU runs.
+fn panel_width() -> usize {
+    if available() {
+        32
+    } else {
+        16
+    }
+}
+
+impl Linear {
+    /// `weights` row-major `[k, n]`, `bias` `[n]`; `width` 32 (the AVX-512 kernel, only where it
+    /// runs) or 16 (plain arithmetic).
+    fn new(weights: &[f32], bias: &[f32], k: usize, n: usize, gelu: bool, width: usize) -> Self {
+        Linear {
+            weights: Arc::new(PackedWeights::new(weights, bias, k, n, width)),
+            gelu,
+        }
+    }
+}
+
+impl Op for Linear {
+    fn name(&self) -> StaticName {
+        OP_TYPE.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "k: {}, n: {}, panels of {}, gelu: {}",
+            self.weights.k, self.weights.n, self.weights.width, self.gelu
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl TypedOp for Linear {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape: TVec<TDim> = inputs[0].shape.iter().cloned().collect();
+        ensure!(
+            shape.last() == Some(&self.weights.k.to_dim()),
+            "SamrtLinear: input {:?} for {} inputs per row",
+            inputs[0].shape,
+            self.weights.k
+        );
+        *shape.last_mut().unwrap() = self.weights.n.to_dim();
+        Ok(tvec!(inputs[0].datum_type.fact(shape)))
+    }
+
+    as_op!();
+}
+
+/// A raw output pointer shared by tasks that write disjoint rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// The pointer `offset` values in (a method, so that closures capture the whole `OutPtr`).
+    fn at(self, offset: usize) -> *mut f32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+impl EvalOp for Linear {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        let w = &*self.weights;
+        let (k, n) = (w.k, w.n);
+        ensure!(
+            x.shape().last() == Some(&k),
+            "SamrtLinear: input {:?} for {k} inputs per row",
+            x.shape()
+        );
+        let mut shape: TVec<usize> = x.shape().into();
+        *shape.last_mut().unwrap() = n;
+        let view = x.try_as_plain_ram()?;
+        let a = view.as_slice::<f32>()?;
+        let m = a.len().checked_div(k).unwrap_or(0);
+        // SAFETY: f32 has no invalid bit patterns, and every row of the output is written.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
+        if m * n > 0 {
+            let mut out_view = output.try_as_plain_ram_mut()?;
+            let c = out_view.as_slice_mut::<f32>()?;
+            let blocks = m.div_ceil(BLOCK_ROWS);
+            let threads = match current_tract_executor() {
+                Executor::MultiThread(pool) => pool.current_num_threads(),
+                _ => 1,
+            };
+            let tasks = blocks.min(threads * TASKS_PER_THREAD).max(1);
+            let out = OutPtr(c.as_mut_ptr());
+            let task = |t: usize| {
+                let rows = (t * blocks / tasks * BLOCK_ROWS).min(m)
+                    ..((t + 1) * blocks / tasks * BLOCK_ROWS).min(m);
+                let a = &a[rows.start * k..rows.end * k];
+                // SAFETY: tasks write disjoint row ranges of the output.
+                let c = unsafe {
+                    std::slice::from_raw_parts_mut(out.at(rows.start * n), rows.len() * n)
+                };
+                gemm(a, rows.len(), w, self.gelu, c);
+            };
+            match current_tract_executor() {
+                Executor::MultiThread(pool) if threads > 1 && tasks > 1 => {
+                    use rayon::prelude::*;
+                    pool.install(|| (0..tasks).into_par_iter().for_each(task))
+                }
+                _ => (0..tasks).for_each(task),
+            }
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The computation.
+
+/// `c[m x n] = a[m x k] · W + b` (then GELU), rows contiguous.
+fn gemm(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [f32]) {
+    assert!(a.len() >= m * w.k && c.len() >= m * w.n);
+    match (w.width, isa()) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX-512F (probed).
+        (32, Isa::Avx512) => unsafe { gemm_avx512(a, m, w, gelu, c) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the CPU has AVX2 and FMA (probed).
+        (16, Isa::Avx2Fma) => unsafe { gemm_avx2(a, m, w, gelu, c) },
+        (16, _) => gemm_body::<16, Generic<Baseline>, Baseline>(a, m, w, gelu, c),
+        (width, isa) => panic!("SamrtLinear: panels of {width} on {isa:?}"),
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn gemm_avx512(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [f32]) {
+    gemm_body::<32, Avx512Tile, Fused>(a, m, w, gelu, c)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gemm_avx2(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [f32]) {
+    gemm_body::<16, Generic<Fused>, Fused>(a, m, w, gelu, c)
+}
+
+#[inline(always)]
+fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
+    a: &[f32],
+    m: usize,
+    w: &PackedWeights,
+    gelu: bool,
+    c: &mut [f32],
+) {
+    let (k, n) = (w.k, w.n);
+    debug_assert_eq!(w.width, W);
+    let panels = n.div_ceil(W);
+    let mut tail_a = vec![0f32; TILE_ROWS * k];
+    let mut tile_out = vec![0f32; TILE_ROWS * W];
+    for block in (0..m).step_by(BLOCK_ROWS) {
+        let block_end = (block + BLOCK_ROWS).min(m);
+        for p in 0..panels {
+            let panel = &w.data[p * k * W..(p + 1) * k * W];
+            let bias = &w.bias[p * W..(p + 1) * W];
+            let cols = W.min(n - p * W);
+            let mut row = block;
+            while row < block_end {
+                let rows = TILE_ROWS.min(block_end - row);
+                let (src, ld) = if rows == TILE_ROWS {
+                    (&a[row * k..], k)
+                } else {
+                    tail_a.fill(0.0);
+                    tail_a[..rows * k].copy_from_slice(&a[row * k..(row + rows) * k]);
+                    (&tail_a[..], k)
+                };
+                if rows == TILE_ROWS && cols == W {
+                    let dst = &mut c[row * n + p * W..];
+                    assert!(dst.len() >= (TILE_ROWS - 1) * n + W);
+                    // SAFETY: bounds asserted; `src` holds TILE_ROWS rows of k values.
+                    unsafe {
+                        T::tile(
+                            src.as_ptr(),
+                            ld,
+                            panel.as_ptr(),
+                            k,
+                            bias.as_ptr(),
+                            dst.as_mut_ptr(),
+                            n,
+                        )
+                    };
+                } else {
+                    // SAFETY: as above, into the tile buffer of TILE_ROWS rows of W.
+                    unsafe {
+                        T::tile(
+                            src.as_ptr(),
+                            ld,
+                            panel.as_ptr(),
+                            k,
+                            bias.as_ptr(),
+                            tile_out.as_mut_ptr(),
+                            W,
+                        )
+                    };
+                    for r in 0..rows {
+                        let dst = &mut c[(row + r) * n + p * W..(row + r) * n + p * W + cols];
+                        dst.copy_from_slice(&tile_out[r * W..r * W + cols]);
+                    }
+                }
+                row += rows;
+            }
+        }
+        if gelu {
+            for v in &mut c[block * n..block_end * n] {
+                *v = gelu_of::<F>(*v);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn gelu_of<F: MulAdd>(x: f32) -> f32 {
+    gelu::<F>(x)
+}
+
+/// A register tile kernel: `c[r][0..W] = Σₖ a[r][k] · b[k][0..W] + bias` for [`TILE_ROWS`]
+/// rows, accumulated in the order of k.
+trait TileKernel<const W: usize> {
+    /// # Safety
+    /// `a` holds TILE_ROWS rows of `lda` with `k` values, `b` `k` rows of `W`, `bias` `W`
+    /// values, `c` TILE_ROWS rows of `ldc` with `W` values.
+    unsafe fn tile(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        k: usize,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    );
+}
+
+/// The 6x32 tile in AVX-512 intrinsics: twelve accumulators, two weight loads and six
+/// broadcasts per step of k. (Written out: the compiler does not vectorize the plain form in
+/// this loop nest.)
+#[cfg(target_arch = "x86_64")]
+struct Avx512Tile;
+
+#[cfg(target_arch = "x86_64")]
+impl TileKernel<32> for Avx512Tile {
+    #[inline(always)]
+    unsafe fn tile(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        k: usize,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; AVX-512F is enabled in the calling function.
+        unsafe {
+            let zero = _mm512_setzero_ps();
+            let mut acc = [[zero; 2]; TILE_ROWS];
+            for kk in 0..k {
+                let b0 = _mm512_loadu_ps(b.add(kk * 32));
+                let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                }
+            }
+            let bias0 = _mm512_loadu_ps(bias);
+            let bias1 = _mm512_loadu_ps(bias.add(16));
+            for (r, acc) in acc.iter().enumerate() {
+                _mm512_storeu_ps(c.add(r * ldc), _mm512_add_ps(acc[0], bias0));
+                _mm512_storeu_ps(c.add(r * ldc + 16), _mm512_add_ps(acc[1], bias1));
+            }
+        }
+    }
+}
+
+/// The tile in plain arithmetic, for the tests on any CPU.
+struct Generic<F>(std::marker::PhantomData<F>);
+
+impl<const W: usize, F: MulAdd> TileKernel<W> for Generic<F> {
+    #[inline(always)]
+    unsafe fn tile(
+        a: *const f32,
+        lda: usize,
+        b: *const f32,
+        k: usize,
+        bias: *const f32,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        for r in 0..TILE_ROWS {
+            for j in 0..W {
+                let mut acc = 0f32;
+                for kk in 0..k {
+                    // SAFETY: the caller's contract.
+                    acc = F::mul_add(
+                        unsafe { *a.add(r * lda + kk) },
+                        unsafe { *b.add(kk * W + j) },
+                        acc,
+                    );
+                }
+                // SAFETY: the caller's contract.
+                unsafe { *c.add(r * ldc + j) = acc + *bias.add(j) };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| (((i + seed) * 2_654_435_761usize) % 10_007) as f32 / 5000.0 - 1.0)
+            .collect()
+    }
+
+    /// tract's own `x · W + b`, as a plan.
+    fn tract_plan(
+        shape: &[usize],
+        w: &[f32],
+        b: &[f32],
+        k: usize,
+        n: usize,
+    ) -> Arc<TypedRunnableModel> {
+        let mut model = TypedModel::default();
+        let src = model.add_source("x", f32::fact(shape)).unwrap();
+        let wt = model
+            .add_const("w", Tensor::from_shape(&[k, n], w).unwrap())
+            .unwrap();
+        let axes = if shape.len() == 2 {
+            "mk,kn->mn"
+        } else {
+            "bmk,kn->bmn"
+        };
+        let y = model
+            .wire_node(
+                "mm",
+                tract_onnx::tract_core::ops::einsum::EinSum::new(
+                    axes.parse().unwrap(),
+                    f32::datum_type(),
+                ),
+                &[src, wt],
+            )
+            .unwrap();
+        let mut bias_shape = vec![1; shape.len() - 1];
+        bias_shape.push(n);
+        let bt = model
+            .add_const("b", Tensor::from_shape(&bias_shape, b).unwrap())
+            .unwrap();
+        let y = model
+            .wire_node("add", tract_onnx::tract_core::ops::math::add(), &[y[0], bt])
+            .unwrap();
+        model.select_output_outlets(&y).unwrap();
+        model.into_optimized().unwrap().into_runnable().unwrap()
+    }
+
+    fn run_plan(plan: &Arc<TypedRunnableModel>, x: &Tensor) -> Vec<f32> {
+        let out = plan.run(tvec!(x.clone().into_tvalue())).unwrap();
+        out[0]
+            .try_as_plain_ram()
+            .unwrap()
+            .as_slice::<f32>()
+            .unwrap()
+            .to_vec()
+    }
+
+    fn check(shape: &[usize], n: usize, gelu: bool, width: usize) {
+        let k = *shape.last().unwrap();
+        let x = Tensor::from_shape(shape, &values(shape.iter().product(), 1)).unwrap();
+        let w = values(k * n, 2);
+        let b = values(n, 3);
+        let mut want = run_plan(&tract_plan(shape, &w, &b, k, n), &x);
+        if gelu {
+            want.iter_mut().for_each(|v| *v = gelu_of::<Baseline>(*v));
+        }
+        let op = Linear::new(&w, &b, k, n, gelu, width);
+        let got = crate::engine::fast_ops::tests::run(op.clone(), tvec![x.clone().into_tvalue()]);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * (1.0 + w.abs()),
+                "{shape:?}x{n}: {g} vs {w}"
+            );
+        }
+        let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+            Executor::multithread(2),
+            || crate::engine::fast_ops::tests::run(op, tvec![x.into_tvalue()]),
+        );
+        assert_eq!(got, pooled, "{shape:?}x{n}: 2 threads differ from 1");
+    }
+
+    #[test]
+    fn linear_matches_tracts_matmul_and_bias() {
+        let mut widths = vec![16];
+        if available() {
+            widths.push(32);
+        }
+        for width in widths {
+            // Whole and partial tiles, blocks and panels; a batch axis; GELU fused.
+            check(&[1, 7], 5, false, width);
+            check(&[203, 40], 70, false, width);
+            check(&[2, 97, 33], 64, true, width);
+            check(&[300, 128], 32, true, width);
+        }
+    }
+
+    #[test]
+    fn tinyvit_linear_layers_are_rewritten() {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
+        let mut proto = crate::engine::fast_ops::onnx()
+            .proto_model_for_read(&mut &*bytes)
+            .unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        super::super::depthwise::fuse(graph);
+        // qkv, proj, fc1, fc2 in each of the 10 blocks; the 10 fc1 take their GELU in.
+        assert_eq!(fuse(graph), 40);
+        let linear: Vec<&NodeProto> = graph.node.iter().filter(|n| n.op_type == OP_TYPE).collect();
+        let with_gelu = linear
+            .iter()
+            .filter(|n| n.attribute.iter().any(|a| a.name == "gelu" && a.i == 1))
+            .count();
+        assert_eq!(with_gelu, 10);
+        assert!(graph
+            .node
+            .iter()
+            .all(|n| !(n.op_type == "MatMul" && n.name.contains("mlp"))));
+    }
+
+    /// Not a test: times the operator against tract's matrix product on the encoder's shapes
+    /// (`cargo test --release --lib linear_timing -- --ignored --nocapture`).
+    #[test]
+    #[ignore]
+    fn linear_timing_against_tract() {
+        for (m, k, n) in [
+            (16384, 128, 512),
+            (16384, 512, 128),
+            (17689, 128, 384),
+            (4096, 320, 1280),
+            (4096, 1280, 320),
+            (4900, 160, 480),
+        ] {
+            let x = Tensor::from_shape(&[m, k], &values(m * k, 1)).unwrap();
+            let (w, b) = (values(k * n, 2), values(n, 3));
+            let op = Linear::new(&w, &b, k, n, false, panel_width());
+            let plan = tract_plan(&[m, k], &w, &b, k, n);
+            let (mut best_s, mut best_t) = (f64::INFINITY, f64::INFINITY);
+            for _ in 0..5 {
+                let t = std::time::Instant::now();
+                crate::engine::fast_ops::tests::run(op.clone(), tvec![x.clone().into_tvalue()]);
+                best_s = best_s.min(t.elapsed().as_secs_f64());
+                let t = std::time::Instant::now();
+                run_plan(&plan, &x);
+                best_t = best_t.min(t.elapsed().as_secs_f64());
+            }
+            let gflop = 2.0 * (m * k * n) as f64 / 1e9;
+            eprintln!(
+                "{m}x{k}x{n}: samrt {:.2} ms ({:.0} GFLOP/s), tract {:.2} ms ({:.0} GFLOP/s)",
+                best_s * 1e3,
+                gflop / best_s,
+                best_t * 1e3,
+                gflop / best_t
+            );
+        }
+    }
+}
