@@ -38,8 +38,6 @@ const DOMAIN: &str = "ai.samrt";
 const TILE_ROWS: usize = 6;
 /// Rows of one block (its activations and one weight panel stay in L2), the unit of threading.
 const BLOCK_ROWS: usize = 96;
-/// Tasks per thread of tract's pool, for balance between them.
-const TASKS_PER_THREAD: usize = 4;
 
 /// Whether this CPU runs the fast kernel (and so whether [`fuse`] rewrites anything).
 pub fn available() -> bool {
@@ -384,7 +382,8 @@ impl EvalOp for Linear {
                 Executor::MultiThread(pool) => pool.current_num_threads(),
                 _ => 1,
             };
-            let tasks = blocks.min(threads * TASKS_PER_THREAD).max(1);
+            // One task a block when threads share the work (balance); one task otherwise.
+            let tasks = if threads > 1 { blocks } else { 1 };
             let out = OutPtr(c.as_mut_ptr());
             let task = |t: usize| {
                 let rows = (t * blocks / tasks * BLOCK_ROWS).min(m)
