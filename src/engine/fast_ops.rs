@@ -39,6 +39,8 @@ pub fn onnx() -> tract_onnx::Onnx {
         .insert(super::depthwise::GELU_OP, super::depthwise::build_gelu);
     onnx.op_register
         .insert(super::linear::OP_TYPE, super::linear::build);
+    onnx.op_register
+        .insert(super::conv1x1::OP_TYPE, super::conv1x1::build);
     onnx
 }
 

@@ -25,7 +25,7 @@ pub const CHANNEL_NORM_OP: &str = "SamrtChannelNorm";
 /// and bias `[C, 1, 1]`) by one `SamrtChannelNorm` node; returns how many. Every intermediate
 /// value must be used by the chain alone (the centred input by its `Pow` and `Div`); the weight
 /// and bias must be initializers and ε and the exponent 2 constants.
-pub fn recompose(graph: &mut pb::GraphProto) -> usize {
+pub fn recompose(graph: &mut pb::GraphProto, channel_axis: bool) -> usize {
     let nodes = &graph.node;
     let mut producer: HashMap<&str, usize> = HashMap::new();
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -112,7 +112,7 @@ pub fn recompose(graph: &mut pb::GraphProto) -> usize {
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused: HashMap<usize, NodeProto> = HashMap::new();
     'chains: for (mean_ix, mean) in nodes.iter().enumerate() {
-        let Some(axis) = mean_axis(mean) else {
+        let Some(axis) = mean_axis(mean).filter(|&a| a == -1 || channel_axis) else {
             continue;
         };
         let x = &mean.input[0];
@@ -392,7 +392,7 @@ mod tests {
         let original = spelled_out(-1, false);
         let want = run(&original, &x);
         let mut proto = original.clone();
-        assert_eq!(recompose(proto.graph.as_mut().unwrap()), 1);
+        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 1);
         let graph = proto.graph.as_ref().unwrap();
         assert_eq!(graph.node.len(), 1);
         assert_eq!(graph.node[0].op_type, "LayerNormalization");
@@ -405,11 +405,11 @@ mod tests {
     #[test]
     fn other_axes_and_shared_values_are_left_alone() {
         let mut proto = spelled_out(1, false);
-        assert_eq!(recompose(proto.graph.as_mut().unwrap()), 0);
+        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 0);
         let mut proto = spelled_out_with(2, false, &[8, 1, 1]);
-        assert_eq!(recompose(proto.graph.as_mut().unwrap()), 0);
+        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 0);
         let mut proto = spelled_out(-1, true);
-        assert_eq!(recompose(proto.graph.as_mut().unwrap()), 0);
+        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 0);
         assert_eq!(proto.graph.unwrap().node.len(), 9);
     }
 
@@ -423,7 +423,7 @@ mod tests {
         let original = spelled_out_with(1, false, &[8, 1, 1]);
         let want = run(&original, &x);
         let mut proto = original.clone();
-        assert_eq!(recompose(proto.graph.as_mut().unwrap()), 1);
+        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 1);
         let graph = proto.graph.as_ref().unwrap();
         assert_eq!(graph.node.len(), 1);
         assert_eq!(graph.node[0].op_type, CHANNEL_NORM_OP);

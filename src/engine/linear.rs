@@ -10,7 +10,7 @@
 //! of the output is twelve AVX-512 accumulators over the whole of k, fed by two weight loads and
 //! six broadcasts of the activations per step, plus the bias at the end; blocks of 96 rows keep
 //! their activations and one weight panel in L2. The GELU that follows fc1 is applied to each
-//! block while it is in cache. Row blocks are split over tract's thread pool; every row's result
+//! block while it is in cache. Rows are split over tract's thread pool; every row's result
 //! is the same at any thread count.
 //!
 //! [`fuse`] rewrites `MatMul(x, W)` + `Add(b)` (W `[K, N]` and b `[N]` initializers) before tract
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
+use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::vector_math::{gelu, isa, Baseline, Fused, Isa, MulAdd};
@@ -342,19 +342,6 @@ impl TypedOp for Linear {
     as_op!();
 }
 
-/// A raw output pointer shared by tasks that write disjoint rows.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `offset` values in (a method, so that closures capture the whole `OutPtr`).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
-
 impl EvalOp for Linear {
     op_out_of_plan!();
 
@@ -377,31 +364,19 @@ impl EvalOp for Linear {
         if m * n > 0 {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let c = out_view.as_slice_mut::<f32>()?;
-            let blocks = m.div_ceil(BLOCK_ROWS);
-            let threads = match current_tract_executor() {
-                Executor::MultiThread(pool) => pool.current_num_threads(),
-                _ => 1,
-            };
-            // One task a block when threads share the work (balance); one task otherwise.
-            let tasks = if threads > 1 { blocks } else { 1 };
-            let out = OutPtr(c.as_mut_ptr());
-            let task = |t: usize| {
-                let rows = (t * blocks / tasks * BLOCK_ROWS).min(m)
-                    ..((t + 1) * blocks / tasks * BLOCK_ROWS).min(m);
-                let a = &a[rows.start * k..rows.end * k];
-                // SAFETY: tasks write disjoint row ranges of the output.
-                let c = unsafe {
-                    std::slice::from_raw_parts_mut(out.at(rows.start * n), rows.len() * n)
-                };
-                gemm(a, rows.len(), w, self.gelu, c);
-            };
-            match current_tract_executor() {
-                Executor::MultiThread(pool) if threads > 1 && tasks > 1 => {
-                    use rayon::prelude::*;
-                    pool.install(|| (0..tasks).into_par_iter().for_each(task))
-                }
-                _ => (0..tasks).for_each(task),
-            }
+            let len = c.len();
+            // Whole rows per task (tract's split): a row's result does not depend on the split.
+            par_chunks_mut(c, n, len * k.max(1), |first, rows| {
+                let count = rows.len() / n;
+                gemm(
+                    &a[first * k..(first + count) * k],
+                    count,
+                    w,
+                    self.gelu,
+                    rows,
+                );
+                Ok(())
+            })?;
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -685,7 +660,7 @@ mod tests {
             );
         }
         let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
-            Executor::multithread(2),
+            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
             || crate::engine::fast_ops::tests::run(op, tvec![x.into_tvalue()]),
         );
         assert_eq!(got, pooled, "{shape:?}x{n}: 2 threads differ from 1");

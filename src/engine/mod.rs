@@ -10,6 +10,7 @@
 //!   specialized per prompt shape (number of points, mask input or not) and kept.
 
 mod attention;
+mod conv1x1;
 mod depthwise;
 mod fast_ops;
 mod layer_norm;
@@ -102,12 +103,15 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
     Ok(parse_onnx_fused(path, bytes, false)?.0)
 }
 
-/// Parses an ONNX file. Spelled-out layer normalizations become one operator first
+/// Parses an ONNX file. Spelled-out last-axis layer normalizations become one operator first
 /// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), GELUs and
-/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`), linear
-/// layers too where its AVX-512 kernel runs ([`linear::fuse`]; `SAMRT_LINEAR=0`), and with
-/// `fuse_attention` attention subgraphs become samrt's operator ([`attention::fuse`]). Returns
-/// the model and how many attention blocks were fused.
+/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`). With
+/// `fuse_attention` (the image encoders) also: channel-axis layer norms; attention subgraphs
+/// ([`attention::fuse`]); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
+/// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`). (The decoder's
+/// channel norms stay tract's: with samrt's, the service's resident memory grew frame after
+/// frame in tests/service.rs's soak test, not yet understood.) Returns the model and how many
+/// attention blocks were fused.
 fn parse_onnx_fused(
     path: &Path,
     bytes: &[u8],
@@ -134,13 +138,19 @@ fn parse_onnx_fused(
     let mut fused = 0;
     if let Some(graph) = proto.graph.as_mut() {
         if std::env::var("SAMRT_LAYER_NORM").map_or(true, |v| v != "0") {
-            layer_norm::recompose(graph);
+            layer_norm::recompose(graph, fuse_attention);
         }
         if std::env::var("SAMRT_DEPTHWISE_GELU").map_or(true, |v| v != "0") {
             depthwise::fuse(graph);
         }
-        if linear::available() && std::env::var("SAMRT_LINEAR").map_or(true, |v| v != "0") {
+        if fuse_attention
+            && linear::available()
+            && std::env::var("SAMRT_LINEAR").map_or(true, |v| v != "0")
+        {
             linear::fuse(graph);
+            if std::env::var("SAMRT_CONV1X1").map_or(true, |v| v != "0") {
+                conv1x1::fuse(graph);
+            }
         }
         if fuse_attention {
             fused = attention::fuse(graph);
@@ -1069,7 +1079,10 @@ mod tests {
         let mut proto = onnx.proto_model_for_read(&mut &*bytes).unwrap();
         // 2 norms (attention, MLP) in each of the 10 transformer blocks, and the neck's two
         // channel-axis norms.
-        assert_eq!(layer_norm::recompose(proto.graph.as_mut().unwrap()), 22);
+        assert_eq!(
+            layer_norm::recompose(proto.graph.as_mut().unwrap(), true),
+            22
+        );
         let graph = proto.graph.as_ref().unwrap();
         let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
         assert_eq!(count("Pow"), 0);
