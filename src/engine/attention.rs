@@ -284,16 +284,7 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
         fused.insert(values_ix, node);
     }
     let count = fused.len();
-    if count > 0 {
-        let old = std::mem::take(&mut graph.node);
-        for (i, node) in old.into_iter().enumerate() {
-            if let Some(fused) = fused.remove(&i) {
-                graph.node.push(fused);
-            } else if !removed.contains(&i) {
-                graph.node.push(node);
-            }
-        }
-    }
+    super::layer_norm::splice(graph, fused, &removed);
     count
 }
 

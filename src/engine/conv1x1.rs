@@ -120,16 +120,7 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
         fused.insert(gelu.unwrap_or(conv_ix), node);
     }
     let count = fused.len();
-    if count > 0 {
-        let old = std::mem::take(&mut graph.node);
-        for (i, node) in old.into_iter().enumerate() {
-            if let Some(new) = fused.remove(&i) {
-                graph.node.push(new);
-            } else if !removed.contains(&i) {
-                graph.node.push(node);
-            }
-        }
-    }
+    super::layer_norm::splice(graph, fused, &removed);
     count
 }
 

@@ -204,16 +204,7 @@ pub fn fuse(graph: &mut pb::GraphProto) -> Rewritten {
         replaced.insert(chain[4], node);
         fused.gelu += 1;
     }
-    if !replaced.is_empty() {
-        let old = std::mem::take(&mut graph.node);
-        for (i, node) in old.into_iter().enumerate() {
-            if let Some(new) = replaced.remove(&i) {
-                graph.node.push(new);
-            } else if !removed.contains(&i) {
-                graph.node.push(node);
-            }
-        }
-    }
+    super::layer_norm::splice(graph, replaced, &removed);
     fused
 }
 

@@ -238,17 +238,28 @@ pub fn recompose(graph: &mut pb::GraphProto, channel_axis: bool) -> usize {
         fused.insert(add_ix, node);
     }
     let count = fused.len();
-    if count > 0 {
-        let old = std::mem::take(&mut graph.node);
-        for (i, node) in old.into_iter().enumerate() {
-            if let Some(fused) = fused.remove(&i) {
-                graph.node.push(fused);
-            } else if !removed.contains(&i) {
-                graph.node.push(node);
-            }
+    splice(graph, fused, &removed);
+    count
+}
+
+/// Rebuilds `graph.node` after a rewrite: node `i` becomes `replaced[i]` where given, is dropped
+/// where in `removed`, and stays otherwise (the rewrites' shared last step).
+pub(super) fn splice(
+    graph: &mut pb::GraphProto,
+    mut replaced: HashMap<usize, NodeProto>,
+    removed: &HashSet<usize>,
+) {
+    if replaced.is_empty() {
+        return;
+    }
+    let old = std::mem::take(&mut graph.node);
+    for (i, node) in old.into_iter().enumerate() {
+        if let Some(new) = replaced.remove(&i) {
+            graph.node.push(new);
+        } else if !removed.contains(&i) {
+            graph.node.push(node);
         }
     }
-    count
 }
 
 /// The value of a one-element f32 tensor (raw or typed data).
