@@ -313,6 +313,20 @@ pub fn build(
         scale_op,
         softmax_axis: node.get_attr_opt::<i64>("softmax_axis")?.unwrap_or(-1),
         decomposed: node.get_attr_opt::<i64>("decomposed")?.unwrap_or(0) != 0,
+        window: match node.get_attr_opt_vec::<usize>("window")? {
+            Some(w) => {
+                ensure!(
+                    w.len() == 5,
+                    "SamrtAttention: window takes [height, width, q depth, k depth, v depth]"
+                );
+                Some(WindowSpec {
+                    h: w[0],
+                    w: w[1],
+                    parts: [w[2], w[3], w[4]],
+                })
+            }
+            None => None,
+        },
     };
     Ok((expand(expansion), vec![]))
 }
@@ -326,6 +340,42 @@ struct AttentionExpansion {
     scale_op: ScaleOp,
     softmax_axis: i64,
     decomposed: bool,
+    window: Option<WindowSpec>,
+}
+
+/// Windowed attention read from and written to the token grid (see [`super::window_attention`]):
+/// the grid is `h` x `w` tokens; each token's row holds, per head, q, k and v of `parts` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WindowSpec {
+    h: usize,
+    w: usize,
+    parts: [usize; 3],
+}
+
+/// A window's geometry, as typed: the spec and the window side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Window {
+    spec: WindowSpec,
+    side: usize,
+}
+
+/// The output shape of windowed attention for a `qkv` shape `[batch, tokens, heads x (q+k+v)]`.
+fn window_output_shape<T: Clone + DimLike>(spec: &WindowSpec, qkv: &[T]) -> TractResult<Vec<T>> {
+    ensure!(
+        qkv.len() == 3,
+        "SamrtAttention: windowed qkv must be [batch, tokens, channels]"
+    );
+    let head: usize = spec.parts.iter().sum();
+    let channels = qkv[2].to_usize()?;
+    ensure!(
+        channels % head == 0,
+        "SamrtAttention: {channels} qkv channels are not heads of {head}"
+    );
+    Ok(vec![
+        qkv[0].clone(),
+        qkv[1].clone(),
+        T::from(channels / head * spec.parts[2]),
+    ])
 }
 
 /// `shape` transposed by `perm` (ONNX `Transpose`: dimension `i` of the result is dimension
@@ -365,6 +415,78 @@ fn output_shape<T: Clone>(
     permuted(&logical, out_perm)
 }
 
+impl AttentionExpansion {
+    /// The window side of a windowed node, checked against what the rewritten graph computed:
+    /// the grid reshape `[b, h, w, c]`, the partition reshape `[b, h/side, side, w/side, side, c]`,
+    /// the pads (bottom and right only, less than a window), the reverse reshape `[b, h/side,
+    /// w/side, side, side, c]`, the qkv rows (`h·w` tokens) and the padding row.
+    fn window_side(
+        &self,
+        model: &TypedModel,
+        spec: WindowSpec,
+        inputs: &[OutletId],
+    ) -> TractResult<usize> {
+        ensure!(
+            inputs.len() >= 7,
+            "SamrtAttention: windowed takes qkv, the padding row, four shapes and the bias"
+        );
+        let ints = |i: usize| -> TractResult<Vec<i64>> {
+            let fact = model.outlet_fact(inputs[i])?;
+            let konst = fact
+                .konst
+                .as_ref()
+                .with_context(|| format!("SamrtAttention: window input {i} is not a constant"))?;
+            Ok(konst
+                .cast_to::<i64>()?
+                .to_plain_array_view::<i64>()?
+                .iter()
+                .copied()
+                .collect())
+        };
+        let (grid, window, pads, reverse) = (ints(2)?, ints(3)?, ints(4)?, ints(5)?);
+        let (h, w) = (spec.h as i64, spec.w as i64);
+        ensure!(
+            grid.len() == 4 && grid[1] == h && grid[2] == w,
+            "SamrtAttention: grid {grid:?} is not {h}x{w}"
+        );
+        ensure!(
+            window.len() == 6 && window[2] == window[4] && window[2] > 0,
+            "SamrtAttention: partition {window:?} is not square windows"
+        );
+        let side = window[2];
+        let (nh, nw) = (window[1], window[3]);
+        ensure!(
+            pads == [0, 0, 0, 0, 0, nh * side - h, nw * side - w, 0]
+                && (0..side).contains(&(nh * side - h))
+                && (0..side).contains(&(nw * side - w))
+                && window[0] == grid[0]
+                && window[5] == grid[3],
+            "SamrtAttention: pads {pads:?} and partition {window:?} do not fit grid {grid:?}"
+        );
+        ensure!(
+            reverse.len() == 6 && reverse[..5] == [grid[0], nh, nw, side, side],
+            "SamrtAttention: reverse partition {reverse:?} does not fit {window:?}"
+        );
+        let qkv = model
+            .outlet_fact(inputs[0])?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec());
+        let pad = model
+            .outlet_fact(inputs[1])?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec());
+        let head: usize = spec.parts.iter().sum();
+        ensure!(
+            matches!(&qkv, Some(q) if q.len() == 3 && q[1] == spec.h * spec.w && q[2] % head == 0)
+                && matches!((&qkv, &pad), (Some(q), Some(p)) if p.iter().product::<usize>() == q[2]),
+            "SamrtAttention: qkv {qkv:?} and padding row {pad:?} do not fit a {h}x{w} grid"
+        );
+        Ok(side as usize)
+    }
+}
+
 impl Expansion for AttentionExpansion {
     fn name(&self) -> StaticName {
         OP_TYPE.into()
@@ -383,8 +505,18 @@ impl Expansion for AttentionExpansion {
         );
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
         s.equals(&inputs[1].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[2].datum_type, &outputs[0].datum_type)?;
+        if self.window.is_none() {
+            s.equals(&inputs[2].datum_type, &outputs[0].datum_type)?;
+        }
         s.equals(&inputs[0].rank, &outputs[0].rank)?;
+        if let Some(spec) = self.window {
+            s.given(&inputs[0].shape, move |s, qkv| {
+                let shape = window_output_shape(&spec, &qkv)?;
+                s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
+                Ok(())
+            })?;
+            return Ok(());
+        }
         s.given_2(&inputs[0].shape, &inputs[2].shape, move |s, q, v| {
             let shape = output_shape(&q, &v, &self.q_perm, &self.v_perm, &self.out_perm)?;
             s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
@@ -399,7 +531,13 @@ impl Expansion for AttentionExpansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let mut rest = &inputs[3..];
+        let (mut rest, window) = match self.window {
+            Some(spec) => {
+                let side = self.window_side(model, spec, inputs)?;
+                (&inputs[6..], Some(Window { spec, side }))
+            }
+            None => (&inputs[3..], None),
+        };
         let scale = if self.scale_op == ScaleOp::None {
             1.0
         } else {
@@ -426,6 +564,10 @@ impl Expansion for AttentionExpansion {
             (2, true) => BiasKind::Decomposed,
             (n, _) => bail!("SamrtAttention: {n} bias terms are not supported"),
         };
+        ensure!(
+            window.is_none() || bias != BiasKind::Decomposed,
+            "SamrtAttention: windows with a decomposed bias are not supported"
+        );
         let op = Attention {
             q_perm: self.q_perm.clone(),
             k_perm: self.k_perm.clone(),
@@ -433,8 +575,10 @@ impl Expansion for AttentionExpansion {
             out_perm: self.out_perm.clone(),
             scale,
             bias,
+            window,
         };
-        let mut wired: TVec<OutletId> = inputs[..3].iter().copied().collect();
+        let direct = if window.is_some() { 2 } else { 3 };
+        let mut wired: TVec<OutletId> = inputs[..direct].iter().copied().collect();
         wired.extend(rest.iter().copied());
         // The shapes must fit the operator's contract, or the graph is not fused (see `fuse`).
         let facts: Vec<TypedFact> = wired
@@ -456,7 +600,7 @@ impl Expansion for AttentionExpansion {
         );
         let shape_refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
         let geometry = op.geometry(&shape_refs)?;
-        let rank = shapes[0].len() as i64;
+        let rank = geometry.batch.len() as i64 + 2;
         let axis_ok = match bias {
             // The softmax ran on the [batch.., queries, keys] reshape.
             BiasKind::Decomposed => self.softmax_axis == -1 || self.softmax_axis == 2,
@@ -485,6 +629,8 @@ pub struct Attention {
     out_perm: Vec<usize>,
     scale: f32,
     bias: BiasKind,
+    /// Windows read from (and results written to) the token grid, padding included.
+    window: Option<Window>,
 }
 
 impl Eq for Attention {}
@@ -497,6 +643,7 @@ impl std::hash::Hash for Attention {
         self.out_perm.hash(state);
         self.scale.to_bits().hash(state);
         self.bias.hash(state);
+        self.window.hash(state);
     }
 }
 
@@ -552,6 +699,52 @@ struct Geometry {
     out: Vec<isize>,
     out_shape: Vec<usize>,
     bias: BiasGeometry,
+    window: Option<WindowGeometry>,
+}
+
+/// Where a window's tokens live in the grid: window `i` (row-major over batch, window rows,
+/// window columns) holds `side` x `side` tokens, those past the grid's edge being padding.
+#[derive(Debug, Clone)]
+struct WindowGeometry {
+    h: usize,
+    w: usize,
+    side: usize,
+    /// Windows down and across.
+    down: usize,
+    across: usize,
+    /// Values of a token's qkv row, of one head's part of it, and of an output row.
+    row: usize,
+    head: usize,
+    out_row: usize,
+    /// Offsets of k and v in a head's part.
+    k_offset: usize,
+    v_offset: usize,
+}
+
+/// Marks a window position that is padding.
+const PADDING: usize = usize::MAX;
+
+impl WindowGeometry {
+    /// Grid token indices of window `index`'s positions, [`PADDING`] outside the grid.
+    fn tokens(&self, index: usize, tokens: &mut [usize]) {
+        let per_image = self.down * self.across;
+        let (image, wy, wx) = (
+            index / per_image,
+            index % per_image / self.across,
+            index % self.across,
+        );
+        for (r, token) in tokens.iter_mut().enumerate() {
+            let (y, x) = (
+                wy * self.side + r / self.side,
+                wx * self.side + r % self.side,
+            );
+            *token = if y < self.h && x < self.w {
+                (image * self.h + y) * self.w + x
+            } else {
+                PADDING
+            };
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -571,6 +764,9 @@ enum BiasGeometry {
 impl Attention {
     /// Checks the shapes of one call's inputs and lays out its strides.
     fn geometry(&self, shapes: &[&[usize]]) -> TractResult<Geometry> {
+        if let Some(window) = self.window {
+            return self.window_geometry(window, shapes);
+        }
         let logical = |shape: &[usize], perm: &[usize]| -> TractResult<(Vec<usize>, Vec<isize>)> {
             Ok((permuted(shape, perm)?, permuted(&strides_of(shape), perm)?))
         };
@@ -667,6 +863,65 @@ impl Attention {
             out,
             out_shape,
             bias,
+            window: None,
+        })
+    }
+
+    /// [`Self::geometry`] of windowed attention: inputs qkv `[batch, h·w, heads x (q+k+v)]`, the
+    /// padding row (what the qkv rows of the partition's zero padding are) and the bias.
+    fn window_geometry(&self, window: Window, shapes: &[&[usize]]) -> TractResult<Geometry> {
+        let Window { spec, side } = window;
+        ensure!(
+            shapes.len() == 2 + (self.bias != BiasKind::None) as usize,
+            "SamrtAttention: windowed takes qkv, the padding row and the bias"
+        );
+        let (qkv, pad) = (shapes[0], shapes[1]);
+        let head: usize = spec.parts.iter().sum();
+        ensure!(
+            qkv.len() == 3
+                && qkv[1] == spec.h * spec.w
+                && qkv[2] % head == 0
+                && pad.iter().product::<usize>() == qkv[2]
+                && side > 0
+                && spec.parts[0] == spec.parts[1],
+            "SamrtAttention: qkv {qkv:?} and padding row {pad:?} do not fit {spec:?}"
+        );
+        let heads = qkv[2] / head;
+        let (down, across) = (spec.h.div_ceil(side), spec.w.div_ceil(side));
+        let windows = qkv[0] * down * across;
+        let tokens = side * side;
+        let bias = match self.bias {
+            BiasKind::None => BiasGeometry::None,
+            BiasKind::Dense => BiasGeometry::Dense(broadcast_strides(
+                shapes[2],
+                &[windows, heads, tokens, tokens],
+            )?),
+            BiasKind::Decomposed => bail!("SamrtAttention: windows with a decomposed bias"),
+        };
+        Ok(Geometry {
+            batch: vec![windows, heads],
+            queries: tokens,
+            depth: spec.parts[0],
+            keys: tokens,
+            depth_v: spec.parts[2],
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            out: Vec::new(),
+            out_shape: vec![qkv[0], qkv[1], heads * spec.parts[2]],
+            bias,
+            window: Some(WindowGeometry {
+                h: spec.h,
+                w: spec.w,
+                side,
+                down,
+                across,
+                row: qkv[2],
+                head,
+                out_row: heads * spec.parts[2],
+                k_offset: spec.parts[0],
+                v_offset: spec.parts[0] + spec.parts[1],
+            }),
         })
     }
 }
@@ -677,6 +932,12 @@ impl Op for Attention {
     }
 
     fn info(&self) -> TractResult<Vec<String>> {
+        if let Some(Window { spec, side }) = &self.window {
+            return Ok(vec![format!(
+                "scale: {}, bias: {:?}, {side}x{side} windows over a {}x{} grid, parts {:?}",
+                self.scale, self.bias, spec.h, spec.w, spec.parts
+            )]);
+        }
         Ok(vec![format!(
             "scale: {}, bias: {:?}, perms q {:?} k {:?} v {:?} out {:?}",
             self.scale, self.bias, self.q_perm, self.k_perm, self.v_perm, self.out_perm
@@ -689,6 +950,10 @@ impl Op for Attention {
 impl TypedOp for Attention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let q: Vec<TDim> = inputs[0].shape.iter().cloned().collect();
+        if let Some(window) = &self.window {
+            let shape = window_output_shape(&window.spec, &q)?;
+            return Ok(tvec!(inputs[0].datum_type.fact(shape)));
+        }
         let v: Vec<TDim> = inputs[2].shape.iter().cloned().collect();
         let shape = output_shape(&q, &v, &self.q_perm, &self.v_perm, &self.out_perm)?;
         Ok(tvec!(inputs[0].datum_type.fact(shape)))
@@ -941,6 +1206,9 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
     out: OutPtr,
     units: std::ops::Range<usize>,
 ) {
+    if let Some(window) = &g.window {
+        return unsafe { window_body::<W, F>(g, window, scale, data, out, units) };
+    }
     let rank = g.batch.len() + 2;
     let (d, nk, dv) = (g.depth, g.keys, g.depth_v);
     let nk_pad = round_up(nk, W);
@@ -1068,7 +1336,7 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
             let mut inv_sums = [0f32; BLOCK_SCORES / TILE_ROWS];
             for r in 0..count {
                 let row = &mut s[r * nk_pad..(r + 1) * nk_pad];
-                add_bias(g, data, b, start + r, scale, &mut row[..nk]);
+                add_bias(g, &data[3..], b, start + r, scale, &mut row[..nk]);
                 inv_sums[r] = softmax_numerators::<W, F>(row, nk);
             }
             if v_in_place {
@@ -1108,9 +1376,97 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
     }
 }
 
-/// `row = row · scale + bias[query, ..]` for one query's row of scores.
+/// One task of windowed attention: the (window, head) units `units`, with one scratch. Each
+/// unit gathers its window's kᵀ and v (padding positions from the padding row) and the q rows
+/// of its tokens inside the grid, and writes their results into the grid's rows; the values
+/// and the order of every sum are those of [`task_body`] on the partitioned tensors.
+///
+/// # Safety
+/// `out` is the output of `g.out_shape`; no other task writes the same units.
 #[inline(always)]
-fn add_bias(g: &Geometry, data: &[&[f32]], b: usize, query: usize, scale: f32, row: &mut [f32]) {
+unsafe fn window_body<const W: usize, F: MulAdd>(
+    g: &Geometry,
+    wg: &WindowGeometry,
+    scale: f32,
+    data: &[&[f32]],
+    out: OutPtr,
+    units: std::ops::Range<usize>,
+) {
+    let (d, n, dv) = (g.depth, g.keys, g.depth_v);
+    let heads = g.batch[1];
+    let nk_pad = round_up(n, W);
+    let dv_pad = round_up(dv, W);
+    let rows_pad = round_up(n, TILE_ROWS);
+    PEAK_SCRATCH.fetch_max(
+        d * nk_pad + n * dv_pad + rows_pad * (d + nk_pad + dv_pad),
+        Ordering::Relaxed,
+    );
+    // Padding (kᵀ's columns past n, v's past dv) stays zero: only the first n / dv are written.
+    let mut kt = vec![0f32; d * nk_pad];
+    let mut vp = vec![0f32; n * dv_pad];
+    let mut qp = vec![0f32; rows_pad * d];
+    let mut s = vec![0f32; rows_pad * nk_pad];
+    let mut o = vec![0f32; rows_pad * dv_pad];
+    let mut inv_sums = vec![0f32; rows_pad];
+    let mut tokens = vec![PADDING; n];
+    let mut queries: Vec<usize> = Vec::with_capacity(n);
+    let (qkv, pad) = (data[0], data[1]);
+    assert!(qkv.len() >= wg.h * wg.w * wg.row * (g.batch[0] / (wg.down * wg.across)));
+    assert!(pad.len() == wg.row && wg.v_offset + dv <= wg.head && d <= wg.k_offset);
+    let mut loaded = None;
+    for unit in units {
+        let (window, head) = (unit / heads, unit % heads);
+        if loaded != Some(window) {
+            loaded = Some(window);
+            wg.tokens(window, &mut tokens);
+            queries.clear();
+            queries.extend((0..n).filter(|&r| tokens[r] != PADDING));
+        }
+        let part = head * wg.head;
+        let row = |r: usize| -> &[f32] {
+            match tokens[r] {
+                PADDING => &pad[part..part + wg.head],
+                t => &qkv[t * wg.row + part..t * wg.row + part + wg.head],
+            }
+        };
+        for key in 0..n {
+            let src = row(key);
+            for (dd, &x) in src[wg.k_offset..wg.k_offset + d].iter().enumerate() {
+                kt[dd * nk_pad + key] = x;
+            }
+            vp[key * dv_pad..key * dv_pad + dv]
+                .copy_from_slice(&src[wg.v_offset..wg.v_offset + dv]);
+        }
+        let count = queries.len();
+        let padded = round_up(count, TILE_ROWS);
+        for (i, &r) in queries.iter().enumerate() {
+            qp[i * d..(i + 1) * d].copy_from_slice(&row(r)[..d]);
+        }
+        qp[count * d..padded * d].fill(0.0);
+        matmul::<W, F>(&qp, d, &kt, nk_pad, d, &mut s, nk_pad, padded, nk_pad);
+        for (i, &r) in queries.iter().enumerate() {
+            let srow = &mut s[i * nk_pad..(i + 1) * nk_pad];
+            add_bias(g, &data[2..], unit, r, scale, &mut srow[..n]);
+            inv_sums[i] = softmax_numerators::<W, F>(srow, n);
+        }
+        matmul::<W, F>(&s, nk_pad, &vp, dv_pad, n, &mut o, dv_pad, padded, dv_pad);
+        for (i, &r) in queries.iter().enumerate() {
+            let dst = tokens[r] * wg.out_row + head * dv;
+            let src = &o[i * dv_pad..i * dv_pad + dv];
+            // SAFETY: inside the output (token < batch·h·w); this task alone writes this
+            // (token, head).
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.0.add(dst), dv) };
+            for (y, &x) in dst.iter_mut().zip(src) {
+                *y = x * inv_sums[i];
+            }
+        }
+    }
+}
+
+/// `row = row · scale + bias[query, ..]` for one query's row of scores; `terms` are the bias
+/// inputs.
+#[inline(always)]
+fn add_bias(g: &Geometry, terms: &[&[f32]], b: usize, query: usize, scale: f32, row: &mut [f32]) {
     let batch_rank = g.batch.len();
     match &g.bias {
         BiasGeometry::None => {
@@ -1119,7 +1475,7 @@ fn add_bias(g: &Geometry, data: &[&[f32]], b: usize, query: usize, scale: f32, r
             }
         }
         BiasGeometry::Dense(strides) => {
-            let bias = data[3];
+            let bias = terms[0];
             let base = batch_offset(&g.batch, strides, b) + query as isize * strides[batch_rank];
             let col = strides[batch_rank + 1];
             if col == 1 {
@@ -1134,7 +1490,7 @@ fn add_bias(g: &Geometry, data: &[&[f32]], b: usize, query: usize, scale: f32, r
             }
         }
         BiasGeometry::Decomposed { qw, kw, h, w } => {
-            let (rel_h, rel_w) = (data[3], data[4]);
+            let (rel_h, rel_w) = (terms[0], terms[1]);
             let (qi, qj) = ((query / qw) as isize, (query % qw) as isize);
             let hb = batch_offset(&g.batch, h, b) + qi * h[batch_rank] + qj * h[batch_rank + 1];
             let wb = batch_offset(&g.batch, w, b) + qi * w[batch_rank] + qj * w[batch_rank + 1];
@@ -1287,6 +1643,7 @@ mod tests {
             out_perm: vec![0, 2, 1, 3],
             scale: 32f32.powf(-0.5),
             bias: BiasKind::Dense,
+            window: None,
         };
         for (windows, tokens, heads, depth) in [(3, 49, 4, 32), (2, 13, 2, 7), (1, 600, 1, 16)] {
             let x = vec![windows, tokens, heads, depth];
@@ -1295,6 +1652,115 @@ mod tests {
                 vec![x.clone(), x.clone(), x, vec![heads, tokens, tokens]],
                 None,
             );
+        }
+    }
+
+    /// Windowed attention on the token grid gives, bit for bit, what the partitioned graph
+    /// gives: pad the grid with the padding row, partition, split q/k/v, attend, reverse, crop.
+    #[test]
+    fn windows_on_the_grid_equal_the_partitioned_graph() {
+        let tinyvit = |window| Attention {
+            q_perm: vec![0, 2, 1, 3],
+            k_perm: vec![0, 2, 3, 1],
+            v_perm: vec![0, 2, 1, 3],
+            out_perm: vec![0, 2, 1, 3],
+            scale: 0.3,
+            bias: BiasKind::Dense,
+            window,
+        };
+        // (batch, h, w, side, heads, q/k depth, v depth): padding on both edges, on none, and
+        // TinyViT's 7x7 windows with 32-wide heads.
+        for (batch, h, w, side, heads, d, dv) in [
+            (2usize, 10usize, 9usize, 4usize, 2usize, 8usize, 8usize),
+            (1, 8, 8, 4, 3, 5, 7),
+            (1, 16, 13, 7, 4, 32, 32),
+        ] {
+            let head = 2 * d + dv;
+            let channels = heads * head;
+            let n = side * side;
+            let (down, across) = (h.div_ceil(side), w.div_ceil(side));
+            let qkv = values(batch * h * w * channels, 3);
+            let pad = values(channels, 5);
+            let bias = values(heads * n * n, 11);
+            // The partitioned q, k, v: [windows, n, heads, d].
+            let windows = batch * down * across;
+            let mut parts = [vec![], vec![], vec![]];
+            let offsets = [(0, d), (d, d), (2 * d, dv)];
+            for win in 0..windows {
+                let (image, wy, wx) = (
+                    win / (down * across),
+                    win % (down * across) / across,
+                    win % across,
+                );
+                for r in 0..n {
+                    let (y, x) = (wy * side + r / side, wx * side + r % side);
+                    let row = if y < h && x < w {
+                        let t = (image * h + y) * w + x;
+                        &qkv[t * channels..(t + 1) * channels]
+                    } else {
+                        &pad[..]
+                    };
+                    for hd in 0..heads {
+                        for (part, &(start, len)) in parts.iter_mut().zip(&offsets) {
+                            part.extend_from_slice(
+                                &row[hd * head + start..hd * head + start + len],
+                            );
+                        }
+                    }
+                }
+            }
+            let partitioned = tinyvit(None);
+            let [q, k, v] = parts;
+            let windowed_out = eval(
+                &partitioned,
+                &[
+                    vec![windows, n, heads, d],
+                    vec![windows, n, heads, d],
+                    vec![windows, n, heads, dv],
+                    vec![heads, n, n],
+                ],
+                &[q, k, v, bias.clone()],
+            );
+            // Reverse and crop: [windows, n, heads·dv] back to [batch, h·w, heads·dv].
+            let out_row = heads * dv;
+            let mut want = vec![0f32; batch * h * w * out_row];
+            for win in 0..windows {
+                let (image, wy, wx) = (
+                    win / (down * across),
+                    win % (down * across) / across,
+                    win % across,
+                );
+                for r in 0..n {
+                    let (y, x) = (wy * side + r / side, wx * side + r % side);
+                    if y < h && x < w {
+                        let t = (image * h + y) * w + x;
+                        let src = (win * n + r) * out_row;
+                        want[t * out_row..(t + 1) * out_row]
+                            .copy_from_slice(&windowed_out[src..src + out_row]);
+                    }
+                }
+            }
+            let op = tinyvit(Some(Window {
+                spec: WindowSpec {
+                    h,
+                    w,
+                    parts: [d, d, dv],
+                },
+                side,
+            }));
+            let shapes = vec![
+                vec![batch, h * w, channels],
+                vec![1, 1, channels],
+                vec![heads, n, n],
+            ];
+            let data = vec![qkv, pad, bias];
+            let got = eval(&op, &shapes, &data);
+            assert_eq!(got, want, "{batch}x{h}x{w} in {side}x{side} windows");
+            let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+                Executor::multithread(2),
+                || eval(&op, &shapes, &data),
+            );
+            assert_eq!(got, pooled, "2 threads differ from 1");
         }
     }
 
@@ -1310,6 +1776,7 @@ mod tests {
             out_perm: vec![0, 2, 1, 3],
             scale: 32f32.powf(-0.5),
             bias: BiasKind::Dense,
+            window: None,
         };
         for (windows, tokens, heads) in [(361, 49, 4), (25, 196, 5), (100, 49, 10)] {
             let x = vec![windows, tokens, heads, 32];
@@ -1348,6 +1815,7 @@ mod tests {
             out_perm: vec![],
             scale: 0.125,
             bias: BiasKind::None,
+            window: None,
         };
         check(
             &op,
@@ -1366,6 +1834,7 @@ mod tests {
             out_perm: vec![],
             scale: 1.0,
             bias: BiasKind::Decomposed,
+            window: None,
         };
         for (heads, side, depth) in [(3, 14, 16), (2, 16, 64)] {
             let n = side * side;
@@ -1393,6 +1862,7 @@ mod tests {
             out_perm: vec![],
             scale: 1.0,
             bias: BiasKind::Dense,
+            window: None,
         };
         let q = [2usize, 5, 8];
         let kt = [2usize, 8, 9];

@@ -246,16 +246,26 @@ pub fn recompose(graph: &mut pb::GraphProto, channel_axis: bool) -> usize {
 /// where in `removed`, and stays otherwise (the rewrites' shared last step).
 pub(super) fn splice(
     graph: &mut pb::GraphProto,
-    mut replaced: HashMap<usize, NodeProto>,
+    replaced: HashMap<usize, NodeProto>,
     removed: &HashSet<usize>,
 ) {
-    if replaced.is_empty() {
+    let replaced = replaced.into_iter().map(|(i, n)| (i, vec![n])).collect();
+    splice_many(graph, replaced, removed)
+}
+
+/// [`splice`] where a node may be replaced by several, in order.
+pub(super) fn splice_many(
+    graph: &mut pb::GraphProto,
+    mut replaced: HashMap<usize, Vec<NodeProto>>,
+    removed: &HashSet<usize>,
+) {
+    if replaced.is_empty() && removed.is_empty() {
         return;
     }
     let old = std::mem::take(&mut graph.node);
     for (i, node) in old.into_iter().enumerate() {
         if let Some(new) = replaced.remove(&i) {
-            graph.node.push(new);
+            graph.node.extend(new);
         } else if !removed.contains(&i) {
             graph.node.push(node);
         }

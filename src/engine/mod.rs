@@ -16,6 +16,7 @@ mod fast_ops;
 mod layer_norm;
 mod linear;
 mod vector_math;
+mod window_attention;
 
 pub use attention::peak_scratch_values as attention_peak_scratch_values;
 
@@ -107,7 +108,8 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 /// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), GELUs and
 /// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`). With
 /// `fuse_attention` (the image encoders) also: channel-axis layer norms; attention subgraphs
-/// ([`attention::fuse`]); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
+/// ([`attention::fuse`]), windowed ones on the token grid without their partition
+/// ([`window_attention::fuse`]; `SAMRT_WINDOW_ATTENTION=0`); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
 /// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`). (The decoder's
 /// channel norms stay tract's: with samrt's, the service's resident memory grew frame after
 /// frame in tests/service.rs's soak test, not yet understood.) Returns the model and how many
@@ -154,6 +156,9 @@ fn parse_onnx_fused(
         }
         if fuse_attention {
             fused = attention::fuse(graph);
+            if std::env::var("SAMRT_WINDOW_ATTENTION").map_or(true, |v| v != "0") {
+                window_attention::fuse(graph);
+            }
         }
     }
     let model = onnx.model_for_proto_model(&proto).map_err(unreadable)?;
