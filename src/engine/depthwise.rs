@@ -208,6 +208,89 @@ pub fn fuse(graph: &mut pb::GraphProto) -> Rewritten {
     fused
 }
 
+/// Makes every stride-1 `SamrtDepthwise` node that sits between TinyViT's moves to and from
+/// NCHW channels-last: `Transpose([0, 2, 1])` of the tokens `[b, h·w, c]`, `Reshape` to
+/// `[b, c, h, w]`, the convolution, `Reshape` to `[b, c, h·w]`, `Transpose([0, 2, 1])` back. The
+/// node then reads and writes the tokens themselves, and the two whole-tensor transposes are
+/// gone. Returns how many.
+pub fn fuse_channels_last(graph: &mut pb::GraphProto) -> usize {
+    let nodes = &graph.node;
+    let mut producer: HashMap<&str, usize> = HashMap::new();
+    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for output in &node.output {
+            producer.insert(output, i);
+        }
+        for input in &node.input {
+            consumers.entry(input).or_default().push(i);
+        }
+    }
+    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
+    let single = |name: &str, op: &str| -> Option<usize> {
+        if graph_outputs.contains(name) {
+            return None;
+        }
+        match consumers.get(name).map(|c| c.as_slice()) {
+            Some([only]) if nodes[*only].op_type == op => Some(*only),
+            _ => None,
+        }
+    };
+    let swaps_last_two = |ix: usize| {
+        nodes[ix]
+            .attribute
+            .iter()
+            .any(|a| a.name == "perm" && a.ints == [0, 2, 1])
+    };
+    let mut removed: HashSet<usize> = HashSet::new();
+    let mut replaced: HashMap<usize, NodeProto> = HashMap::new();
+    for (ix, node) in nodes.iter().enumerate() {
+        let stride_one = node
+            .attribute
+            .iter()
+            .any(|a| a.name == "stride" && a.i == 1);
+        if node.op_type != DEPTHWISE_OP || !stride_one || node.input.len() != 3 {
+            continue;
+        }
+        let matched = (|| {
+            let &to_grid = producer.get(node.input[0].as_str())?;
+            let &to_nchw = producer.get(nodes[to_grid].input[0].as_str())?;
+            (nodes[to_grid].op_type == "Reshape"
+                && single(&node.input[0], DEPTHWISE_OP) == Some(ix)
+                && nodes[to_nchw].op_type == "Transpose"
+                && swaps_last_two(to_nchw)
+                && single(&nodes[to_nchw].output[0], "Reshape") == Some(to_grid))
+            .then_some(())?;
+            let from_grid = single(&node.output[0], "Reshape")?;
+            let back = single(&nodes[from_grid].output[0], "Transpose")?;
+            swaps_last_two(back).then_some((to_nchw, to_grid, from_grid, back))
+        })();
+        let Some((to_nchw, to_grid, from_grid, back)) = matched else {
+            continue;
+        };
+        let mut new = node.clone();
+        new.input = vec![
+            nodes[to_nchw].input[0].clone(),
+            node.input[1].clone(),
+            node.input[2].clone(),
+            nodes[to_grid].input[1].clone(),
+        ];
+        new.output = vec![nodes[back].output[0].clone()];
+        new.attribute.push(AttributeProto {
+            name: "channels_last".into(),
+            r#type: AttributeType::Int as i32,
+            i: 1,
+            ..Default::default()
+        });
+        removed.extend([to_nchw, to_grid, from_grid, back]);
+        // In place of the last node, where every input exists.
+        replaced.insert(back, new);
+        removed.insert(ix);
+    }
+    let count = replaced.len();
+    super::layer_norm::splice(graph, replaced, &removed);
+    count
+}
+
 /// The stride (1 or 2) of a depthwise 3x3 convolution with padding 1, dilation 1 and constant
 /// weights `[C, 1, 3, 3]` and bias `[C]`; `None` for any other `Conv`.
 fn depthwise_3x3(conv: &NodeProto, initializers: &HashMap<&str, &pb::TensorProto>) -> Option<i64> {
@@ -260,11 +343,17 @@ pub fn build_depthwise(
         stride == 1 || stride == 2,
         "SamrtDepthwise: stride {stride}"
     );
+    let channels_last = node.get_attr_opt::<i64>("channels_last")?.unwrap_or(0) != 0;
+    ensure!(
+        !channels_last || stride == 1,
+        "SamrtDepthwise: channels-last takes stride 1"
+    );
     let op = Depthwise {
         stride: stride as usize,
         gelu: node.get_attr_opt::<i64>("gelu")?.unwrap_or(0) != 0,
+        grid: None,
     };
-    Ok((expand(DepthwiseExpansion(op)), vec![]))
+    Ok((expand(DepthwiseExpansion { op, channels_last }), vec![]))
 }
 
 /// Builds a `SamrtGelu` node.
@@ -276,7 +365,11 @@ pub fn build_gelu(
 }
 
 #[derive(Debug, Clone)]
-struct DepthwiseExpansion(Depthwise);
+struct DepthwiseExpansion {
+    op: Depthwise,
+    /// Tokens `[n, h·w, c]` in and out; a fourth input, the `[n, c, h, w]` shape, gives h, w.
+    channels_last: bool,
+}
 
 impl Expansion for DepthwiseExpansion {
     fn name(&self) -> StaticName {
@@ -289,13 +382,18 @@ impl Expansion for DepthwiseExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
+        check_input_arity(inputs, 3 + self.channels_last as usize)?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        if self.channels_last {
+            s.equals(&inputs[0].rank, 3)?;
+            s.equals(&inputs[0].shape, &outputs[0].shape)?;
+            return Ok(());
+        }
         s.equals(&inputs[0].rank, 4)?;
         s.equals(&outputs[0].rank, 4)?;
         s.given(&inputs[0].shape, move |s, shape| {
-            let out = self.0.output_shape(&shape);
+            let out = self.op.output_shape(&shape);
             s.equals(&outputs[0].shape, ShapeFactoid::from(out))?;
             Ok(())
         })?;
@@ -308,13 +406,50 @@ impl Expansion for DepthwiseExpansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        for input in inputs {
+        for input in &inputs[..3] {
             ensure!(
                 model.outlet_fact(*input)?.datum_type == f32::datum_type(),
                 "SamrtDepthwise: f32 only"
             );
         }
-        model.wire_node(prefix, self.0.clone(), inputs)
+        if !self.channels_last {
+            return model.wire_node(prefix, self.op.clone(), inputs);
+        }
+        let grid = model
+            .outlet_fact(inputs[3])?
+            .konst
+            .as_ref()
+            .context("SamrtDepthwise: the grid shape is not a constant")?
+            .cast_to::<i64>()?
+            .to_plain_array_view::<i64>()?
+            .iter()
+            .copied()
+            .collect::<Vec<i64>>();
+        let tokens = model
+            .outlet_fact(inputs[0])?
+            .shape
+            .as_concrete()
+            .map(|s| s.to_vec());
+        let fits = match (&tokens, grid.as_slice()) {
+            (Some(t), &[n, c, h, w]) => {
+                t.len() == 3
+                    && t[0] as i64 == n
+                    && t[2] as i64 == c
+                    && h > 0
+                    && w > 0
+                    && t[1] as i64 == h * w
+            }
+            _ => false,
+        };
+        ensure!(
+            fits,
+            "SamrtDepthwise: tokens {tokens:?} do not fit the grid {grid:?}"
+        );
+        let op = Depthwise {
+            grid: Some((grid[2] as usize, grid[3] as usize)),
+            ..self.op.clone()
+        };
+        model.wire_node(prefix, op, &inputs[..3])
     }
 }
 
@@ -370,6 +505,8 @@ impl Expansion for GeluExpansion {
 pub struct Depthwise {
     stride: usize,
     gelu: bool,
+    /// Channels-last: x and the output are tokens `[N, h·w, C]` of this grid (stride 1).
+    grid: Option<(usize, usize)>,
 }
 
 impl Depthwise {
@@ -392,8 +529,13 @@ impl Op for Depthwise {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "stride: {}, gelu: {}",
-            self.stride, self.gelu
+            "stride: {}, gelu: {}{}",
+            self.stride,
+            self.gelu,
+            match self.grid {
+                Some((h, w)) => format!(", channels last on a {h}x{w} grid"),
+                None => String::new(),
+            }
         )])
     }
 
@@ -402,6 +544,10 @@ impl Op for Depthwise {
 
 impl TypedOp for Depthwise {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        if self.grid.is_some() {
+            ensure!(inputs[0].rank() == 3, "SamrtDepthwise: tokens expected");
+            return Ok(tvec!(inputs[0].datum_type.fact(inputs[0].shape.clone())));
+        }
         ensure!(inputs[0].rank() == 4, "SamrtDepthwise: NCHW input expected");
         Ok(tvec!(inputs[0]
             .datum_type
@@ -416,6 +562,9 @@ impl EvalOp for Depthwise {
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (x, w, b) = args_3!(inputs);
+        if let Some(grid) = self.grid {
+            return self.eval_channels_last(grid, &x, &w, &b);
+        }
         let shape = x.shape();
         ensure!(shape.len() == 4, "SamrtDepthwise: NCHW input expected");
         let (n, c, h, wd) = (shape[0], shape[1], shape[2], shape[3]);
@@ -460,6 +609,177 @@ impl EvalOp for Depthwise {
             })?;
         }
         Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+impl Depthwise {
+    /// Channels-last: tokens `[n, h·w, c]` in and out, one task per block of output rows.
+    fn eval_channels_last(
+        &self,
+        (h, w): (usize, usize),
+        x: &Tensor,
+        weights: &Tensor,
+        bias: &Tensor,
+    ) -> TractResult<TVec<TValue>> {
+        let shape = x.shape();
+        ensure!(
+            shape.len() == 3 && shape[1] == h * w,
+            "SamrtDepthwise: tokens {shape:?} for a {h}x{w} grid"
+        );
+        let c = shape[2];
+        ensure!(
+            weights.shape() == [c, 1, 3, 3] && bias.shape() == [c],
+            "SamrtDepthwise: weights {:?} and bias {:?} for {c} channels",
+            weights.shape(),
+            bias.shape()
+        );
+        let x = x.try_as_plain_ram()?;
+        let x = x.as_slice::<f32>()?;
+        let weights = weights.try_as_plain_ram()?;
+        let weights = weights.as_slice::<f32>()?;
+        // Tap-major weights [9][c]: each tap's channels contiguous, as the tokens' are.
+        let mut taps = vec![0f32; 9 * c];
+        for ch in 0..c {
+            for tap in 0..9 {
+                taps[tap * c + ch] = weights[ch * 9 + tap];
+            }
+        }
+        let bias = bias.try_as_plain_ram()?;
+        let bias = bias.as_slice::<f32>()?;
+        // SAFETY: f32 has no invalid bit patterns, and every output row is written below.
+        let mut output = unsafe { Tensor::uninitialized::<f32>(shape)? };
+        let row = w * c;
+        if row > 0 && shape[0] * h > 0 {
+            let mut view = output.try_as_plain_ram_mut()?;
+            let out = view.as_slice_mut::<f32>()?;
+            let len = out.len();
+            let grid = TokenGrid {
+                h,
+                w,
+                c,
+                gelu: self.gelu,
+            };
+            par_chunks_mut(out, row, len, |first, rows| {
+                for (i, out) in rows.chunks_exact_mut(row).enumerate() {
+                    let (image, y) = ((first + i) / h, (first + i) % h);
+                    grid.row(
+                        &x[image * h * row..(image + 1) * h * row],
+                        y,
+                        &taps,
+                        bias,
+                        out,
+                    );
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+/// One image's token grid, channels last.
+#[derive(Debug, Clone, Copy)]
+struct TokenGrid {
+    h: usize,
+    w: usize,
+    c: usize,
+    gelu: bool,
+}
+
+impl TokenGrid {
+    /// Output row `y` (`w x c`) of the image `input` (`h x w x c`).
+    fn row(&self, input: &[f32], y: usize, taps: &[f32], bias: &[f32], out: &mut [f32]) {
+        match isa() {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX-512F (probed).
+            Isa::Avx512 => unsafe { self.row_avx512(input, y, taps, bias, out) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: the CPU has AVX2 and FMA (probed).
+            Isa::Avx2Fma => unsafe { self.row_avx2(input, y, taps, bias, out) },
+            Isa::Baseline => self.row_body::<Baseline>(input, y, taps, bias, out),
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn row_avx512(
+        &self,
+        input: &[f32],
+        y: usize,
+        taps: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) {
+        self.row_body::<Fused>(input, y, taps, bias, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn row_avx2(
+        &self,
+        input: &[f32],
+        y: usize,
+        taps: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) {
+        self.row_body::<Fused>(input, y, taps, bias, out)
+    }
+
+    /// Each output value is [`dot9`]'s sum in the kernel's order, plus the bias: the bits of the
+    /// NCHW path, computed 16 channels at a time.
+    #[inline(always)]
+    fn row_body<F: MulAdd>(
+        &self,
+        input: &[f32],
+        y: usize,
+        taps: &[f32],
+        bias: &[f32],
+        out: &mut [f32],
+    ) {
+        const LANES: usize = 16;
+        let (h, w, c) = (self.h, self.w, self.c);
+        // Taps outside the grid multiply zeros: they are skipped, which leaves every sum the
+        // same (x + 0 = x; the centre tap is always inside).
+        let rows = (y == 0) as usize..3 - (y + 1 == h) as usize;
+        for x in 0..w {
+            let cols = (x == 0) as usize..3 - (x + 1 == w) as usize;
+            let dst = &mut out[x * c..(x + 1) * c];
+            let mut c0 = 0;
+            while c0 + LANES <= c {
+                let mut acc = [0f32; LANES];
+                for dy in rows.clone() {
+                    for dx in cols.clone() {
+                        let o = ((y + dy - 1) * w + x + dx - 1) * c + c0;
+                        let v: &[f32; LANES] = input[o..o + LANES].try_into().unwrap();
+                        let t = (dy * 3 + dx) * c + c0;
+                        let k: &[f32; LANES] = taps[t..t + LANES].try_into().unwrap();
+                        for l in 0..LANES {
+                            // Separate multiply and add, as dot9.
+                            acc[l] += k[l] * v[l];
+                        }
+                    }
+                }
+                let b: &[f32; LANES] = bias[c0..c0 + LANES].try_into().unwrap();
+                let d: &mut [f32; LANES] = (&mut dst[c0..c0 + LANES]).try_into().unwrap();
+                for l in 0..LANES {
+                    let o = acc[l] + b[l];
+                    d[l] = if self.gelu { gelu::<F>(o) } else { o };
+                }
+                c0 += LANES;
+            }
+            for ch in c0..c {
+                let mut acc = 0f32;
+                for dy in rows.clone() {
+                    for dx in cols.clone() {
+                        let o = ((y + dy - 1) * w + x + dx - 1) * c + ch;
+                        acc += taps[(dy * 3 + dx) * c + ch] * input[o];
+                    }
+                }
+                let o = acc + bias[ch];
+                dst[ch] = if self.gelu { gelu::<F>(o) } else { o };
+            }
+        }
     }
 }
 
@@ -741,7 +1061,11 @@ mod tests {
     fn depthwise_matches_the_onnx_convolution() {
         for stride in [1, 2] {
             for gelu in [false, true] {
-                let op = Depthwise { stride, gelu };
+                let op = Depthwise {
+                    stride,
+                    gelu,
+                    grid: None,
+                };
                 for shape in [[1, 3, 7, 9], [2, 4, 8, 8], [1, 2, 1, 1], [1, 5, 16, 33]] {
                     let c = shape[1];
                     let x = values(shape.iter().product(), 3);
@@ -768,6 +1092,67 @@ mod tests {
                         );
                     assert_eq!(got, pooled, "{op:?} {shape:?}: 2 threads differ from 1");
                 }
+            }
+        }
+    }
+
+    /// Channels-last on tokens `[n, h·w, c]` gives the NCHW path's bits, transposed: channel
+    /// counts with and without a remainder past 16 lanes, grids of one row and one column.
+    #[test]
+    fn channels_last_equals_the_nchw_convolution() {
+        for gelu in [false, true] {
+            for [n, c, h, w] in [[1, 32, 7, 9], [2, 21, 5, 4], [1, 3, 1, 6], [1, 48, 6, 1]] {
+                let x = values(n * c * h * w, 3);
+                let weights = values(c * 9, 5);
+                let b = values(c, 7);
+                let nchw = Depthwise {
+                    stride: 1,
+                    gelu,
+                    grid: None,
+                };
+                let planes = crate::engine::fast_ops::tests::run(
+                    nchw.clone(),
+                    tvec![
+                        Tensor::from_shape(&[n, c, h, w], &x).unwrap().into_tvalue(),
+                        Tensor::from_shape(&[c, 1, 3, 3], &weights)
+                            .unwrap()
+                            .into_tvalue(),
+                        Tensor::from_shape(&[c], &b).unwrap().into_tvalue(),
+                    ],
+                );
+                // The same images as tokens [n, h·w, c].
+                let mut tokens = vec![0f32; x.len()];
+                let mut want = vec![0f32; x.len()];
+                for i in 0..n {
+                    for ch in 0..c {
+                        for p in 0..h * w {
+                            let (t, q) = ((i * h * w + p) * c + ch, (i * c + ch) * h * w + p);
+                            tokens[t] = x[q];
+                            want[t] = planes[q];
+                        }
+                    }
+                }
+                let op = Depthwise {
+                    grid: Some((h, w)),
+                    ..nchw
+                };
+                let inputs = tvec![
+                    Tensor::from_shape(&[n, h * w, c], &tokens)
+                        .unwrap()
+                        .into_tvalue(),
+                    Tensor::from_shape(&[c, 1, 3, 3], &weights)
+                        .unwrap()
+                        .into_tvalue(),
+                    Tensor::from_shape(&[c], &b).unwrap().into_tvalue(),
+                ];
+                let got = crate::engine::fast_ops::tests::run(op.clone(), inputs.clone());
+                assert_eq!(got, want, "{op:?} {n}x{c}x{h}x{w}");
+                let pooled =
+                    tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+                        tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
+                        || crate::engine::fast_ops::tests::run(op.clone(), inputs),
+                    );
+                assert_eq!(got, pooled, "2 threads differ from 1");
             }
         }
     }
@@ -831,5 +1216,12 @@ mod tests {
         assert_eq!(with_gelu, 5);
         // The rest of the convolutions stay tract's.
         assert_eq!(count("Conv"), 29 - 15);
+        // The ten local convolutions between the attention and the MLP, on 14x14.. grids of
+        // tokens, read and write the tokens channels-last.
+        let transposes = count("Transpose");
+        assert_eq!(fuse_channels_last(graph), 10);
+        let count = |op: &str| graph.node.iter().filter(|n| n.op_type == op).count();
+        assert_eq!(count("Transpose"), transposes - 20);
+        assert_eq!(count(DEPTHWISE_OP), 15);
     }
 }

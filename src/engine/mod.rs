@@ -106,7 +106,9 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 
 /// Parses an ONNX file. Spelled-out last-axis layer normalizations become one operator first
 /// ([`layer_norm::recompose`]; `SAMRT_LAYER_NORM=0` keeps them, for measuring), GELUs and
-/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`). With
+/// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`), those
+/// between transposes of tokens channels-last ([`depthwise::fuse_channels_last`];
+/// `SAMRT_CHANNELS_LAST=0`). With
 /// `fuse_attention` (the image encoders) also: channel-axis layer norms; attention subgraphs
 /// ([`attention::fuse`]), windowed ones on the token grid without their partition
 /// ([`window_attention::fuse`]; `SAMRT_WINDOW_ATTENTION=0`); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
@@ -144,6 +146,9 @@ fn parse_onnx_fused(
         }
         if std::env::var("SAMRT_DEPTHWISE_GELU").map_or(true, |v| v != "0") {
             depthwise::fuse(graph);
+            if std::env::var("SAMRT_CHANNELS_LAST").map_or(true, |v| v != "0") {
+                depthwise::fuse_channels_last(graph);
+            }
         }
         if fuse_attention
             && linear::available()
