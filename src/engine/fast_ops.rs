@@ -41,6 +41,8 @@ pub fn onnx() -> tract_onnx::Onnx {
         .insert(super::linear::OP_TYPE, super::linear::build);
     onnx.op_register
         .insert(super::conv1x1::OP_TYPE, super::conv1x1::build);
+    onnx.op_register
+        .insert("DynamicQuantizeLinear", super::quantize::build);
     onnx
 }
 
