@@ -90,6 +90,23 @@ pub fn resident_bytes() -> Option<u64> {
     Some(pages * page_size.max(4096) as u64)
 }
 
+/// Bytes the allocator has handed out and not had back (glibc's `mallinfo2`: in-use heap and
+/// mmapped blocks), `None` elsewhere. Unlike the resident size it does not count memory the
+/// allocator keeps for reuse (`engine::keep_freed_memory`), so a leak shows here, and only a
+/// leak grows it frame after frame.
+pub fn heap_bytes() -> Option<u64> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's counters.
+        let info = unsafe { libc::mallinfo2() };
+        Some((info.uordblks + info.hblkhd) as u64)
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
 impl Stats {
     pub fn record_encode_ms(&self, ms: f64) {
         self.encode_ms
@@ -137,6 +154,7 @@ impl Stats {
             "prompt_ms_p50": percentile(&self.prompt_ms, 0.5),
             "prompt_ms_p95": percentile(&self.prompt_ms, 0.95),
             "rss_bytes": resident_bytes(),
+            "heap_bytes": heap_bytes(),
         })
     }
 
@@ -171,5 +189,12 @@ mod tests {
         assert_eq!(s["prompt_ms_p50"], json!(873.0));
         assert_eq!(s["prompt_ms_p95"], json!(987.0));
         assert!(s["rss_bytes"].as_u64().unwrap() > 1 << 20);
+        if cfg!(all(target_os = "linux", target_env = "gnu")) {
+            let before = s["heap_bytes"].as_u64().unwrap();
+            let held = vec![1u8; 64 << 20];
+            let after = stats.snapshot()["heap_bytes"].as_u64().unwrap();
+            assert!(after >= before + (64 << 20), "{before} → {after}");
+            drop(held);
+        }
     }
 }
