@@ -538,11 +538,7 @@ mod tests {
 
     #[test]
     fn tinyvit_pointwise_convolutions_are_rewritten() {
-        let files = crate::model::ModelFiles::default_model().expect("default model");
-        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
-        let mut proto = crate::engine::fast_ops::onnx()
-            .proto_model_for_read(&mut &*bytes)
-            .unwrap();
+        let mut proto = crate::engine::fast_ops::tests::default_encoder_proto();
         let graph = proto.graph.as_mut().unwrap();
         super::super::depthwise::fuse(graph);
         // layers.0: conv1 and conv3 of 2 MBConv blocks; conv1 and conv3 of 3 patch mergings;

@@ -214,33 +214,10 @@ pub fn fuse(graph: &mut pb::GraphProto) -> Rewritten {
 /// node then reads and writes the tokens themselves, and the two whole-tensor transposes are
 /// gone. Returns how many.
 pub fn fuse_channels_last(graph: &mut pb::GraphProto) -> usize {
-    let nodes = &graph.node;
-    let mut producer: HashMap<&str, usize> = HashMap::new();
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        for output in &node.output {
-            producer.insert(output, i);
-        }
-        for input in &node.input {
-            consumers.entry(input).or_default().push(i);
-        }
-    }
-    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
-    let single = |name: &str, op: &str| -> Option<usize> {
-        if graph_outputs.contains(name) {
-            return None;
-        }
-        match consumers.get(name).map(|c| c.as_slice()) {
-            Some([only]) if nodes[*only].op_type == op => Some(*only),
-            _ => None,
-        }
-    };
-    let swaps_last_two = |ix: usize| {
-        nodes[ix]
-            .attribute
-            .iter()
-            .any(|a| a.name == "perm" && a.ints == [0, 2, 1])
-    };
+    let index = super::onnx_graph::GraphIndex::new(graph);
+    let nodes = index.nodes;
+    let single = |name: &str, op: &str| index.single_consumer(name, op);
+    let swaps_last_two = |ix: usize| index.transpose_is(ix, &[0, 2, 1]);
     let mut removed: HashSet<usize> = HashSet::new();
     let mut replaced: HashMap<usize, NodeProto> = HashMap::new();
     for (ix, node) in nodes.iter().enumerate() {
@@ -252,11 +229,9 @@ pub fn fuse_channels_last(graph: &mut pb::GraphProto) -> usize {
             continue;
         }
         let matched = (|| {
-            let &to_grid = producer.get(node.input[0].as_str())?;
-            let &to_nchw = producer.get(nodes[to_grid].input[0].as_str())?;
-            (nodes[to_grid].op_type == "Reshape"
-                && single(&node.input[0], DEPTHWISE_OP) == Some(ix)
-                && nodes[to_nchw].op_type == "Transpose"
+            let to_grid = index.producer_of(&node.input[0], "Reshape")?;
+            let to_nchw = index.producer_of(&nodes[to_grid].input[0], "Transpose")?;
+            (single(&node.input[0], DEPTHWISE_OP) == Some(ix)
                 && swaps_last_two(to_nchw)
                 && single(&nodes[to_nchw].output[0], "Reshape") == Some(to_grid))
             .then_some(())?;
@@ -1186,11 +1161,7 @@ mod tests {
 
     #[test]
     fn tinyvit_depthwise_convolutions_and_gelus_are_rewritten() {
-        let files = crate::model::ModelFiles::default_model().expect("default model");
-        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
-        let mut proto = crate::engine::fast_ops::onnx()
-            .proto_model_for_read(&mut &*bytes)
-            .unwrap();
+        let mut proto = crate::engine::fast_ops::tests::default_encoder_proto();
         let graph = proto.graph.as_mut().unwrap();
         let rewritten = fuse(graph);
         // 15 depthwise 3x3 convolutions; 23 GELUs, 5 of them right after a depthwise one.

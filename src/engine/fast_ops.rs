@@ -514,6 +514,13 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// The default model's encoder as an ONNX proto, for the rewrites' tests.
+    pub(in crate::engine) fn default_encoder_proto() -> tract_onnx::pb::ModelProto {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
+        onnx().proto_model_for_read(&mut &*bytes).unwrap()
+    }
+
     /// Evaluates `op` out of a plan; its first output's f32 values.
     pub(in crate::engine) fn run(op: impl EvalOp, inputs: TVec<TValue>) -> Vec<f32> {
         let out = op.eval(&EvalContext::out_of_plan(), inputs).unwrap();

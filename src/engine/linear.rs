@@ -674,11 +674,7 @@ mod tests {
 
     #[test]
     fn tinyvit_linear_layers_are_rewritten() {
-        let files = crate::model::ModelFiles::default_model().expect("default model");
-        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
-        let mut proto = crate::engine::fast_ops::onnx()
-            .proto_model_for_read(&mut &*bytes)
-            .unwrap();
+        let mut proto = crate::engine::fast_ops::tests::default_encoder_proto();
         let graph = proto.graph.as_mut().unwrap();
         super::super::depthwise::fuse(graph);
         // qkv, proj, fc1, fc2 in each of the 10 blocks; the 10 fc1 take their GELU in.

@@ -15,6 +15,7 @@ mod depthwise;
 mod fast_ops;
 mod layer_norm;
 mod linear;
+mod onnx_graph;
 mod quantize;
 mod vector_math;
 mod window_attention;
