@@ -1684,21 +1684,23 @@ mod tests {
             let bias = values(heads * n * n, 11);
             // The partitioned q, k, v: [windows, n, heads, d].
             let windows = batch * down * across;
-            let mut parts = [vec![], vec![], vec![]];
-            let offsets = [(0, d), (d, d), (2 * d, dv)];
-            for win in 0..windows {
+            // The grid token at position r of window win, None in the padding.
+            let grid_token = |win: usize, r: usize| {
                 let (image, wy, wx) = (
                     win / (down * across),
                     win % (down * across) / across,
                     win % across,
                 );
+                let (y, x) = (wy * side + r / side, wx * side + r % side);
+                (y < h && x < w).then(|| (image * h + y) * w + x)
+            };
+            let mut parts = [vec![], vec![], vec![]];
+            let offsets = [(0, d), (d, d), (2 * d, dv)];
+            for win in 0..windows {
                 for r in 0..n {
-                    let (y, x) = (wy * side + r / side, wx * side + r % side);
-                    let row = if y < h && x < w {
-                        let t = (image * h + y) * w + x;
-                        &qkv[t * channels..(t + 1) * channels]
-                    } else {
-                        &pad[..]
+                    let row = match grid_token(win, r) {
+                        Some(t) => &qkv[t * channels..(t + 1) * channels],
+                        None => &pad[..],
                     };
                     for hd in 0..heads {
                         for (part, &(start, len)) in parts.iter_mut().zip(&offsets) {
@@ -1725,15 +1727,8 @@ mod tests {
             let out_row = heads * dv;
             let mut want = vec![0f32; batch * h * w * out_row];
             for win in 0..windows {
-                let (image, wy, wx) = (
-                    win / (down * across),
-                    win % (down * across) / across,
-                    win % across,
-                );
                 for r in 0..n {
-                    let (y, x) = (wy * side + r / side, wx * side + r % side);
-                    if y < h && x < w {
-                        let t = (image * h + y) * w + x;
+                    if let Some(t) = grid_token(win, r) {
                         let src = (win * n + r) * out_row;
                         want[t * out_row..(t + 1) * out_row]
                             .copy_from_slice(&windowed_out[src..src + out_row]);

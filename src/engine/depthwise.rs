@@ -22,7 +22,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
-use super::vector_math::{gelu, isa, Baseline, Fused, Isa, MulAdd};
+use super::vector_math::{gelu, MulAdd};
 
 /// The ONNX operator type of a depthwise 3x3 convolution (samrt's domain).
 pub const DEPTHWISE_OP: &str = "SamrtDepthwise";
@@ -578,7 +578,7 @@ impl EvalOp for Depthwise {
                     let ch = p % c;
                     let input = &x[p * h * wd..(p + 1) * h * wd];
                     let weights: &[f32; 9] = w[ch * 9..ch * 9 + 9].try_into().unwrap();
-                    geometry.run(input, weights, b[ch], out, &mut rows);
+                    plane_run(&geometry, input, weights, b[ch], out, &mut rows);
                 }
                 Ok(())
             })?;
@@ -637,7 +637,8 @@ impl Depthwise {
             par_chunks_mut(out, row, len, |first, rows| {
                 for (i, out) in rows.chunks_exact_mut(row).enumerate() {
                     let (image, y) = ((first + i) / h, (first + i) % h);
-                    grid.row(
+                    token_row(
+                        &grid,
                         &x[image * h * row..(image + 1) * h * row],
                         y,
                         &taps,
@@ -661,99 +662,63 @@ struct TokenGrid {
     gelu: bool,
 }
 
-impl TokenGrid {
+super::vector_math::dispatch_isa!(
     /// Output row `y` (`w x c`) of the image `input` (`h x w x c`).
-    fn row(&self, input: &[f32], y: usize, taps: &[f32], bias: &[f32], out: &mut [f32]) {
-        match isa() {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX-512F (probed).
-            Isa::Avx512 => unsafe { self.row_avx512(input, y, taps, bias, out) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX2 and FMA (probed).
-            Isa::Avx2Fma => unsafe { self.row_avx2(input, y, taps, bias, out) },
-            Isa::Baseline => self.row_body::<Baseline>(input, y, taps, bias, out),
+    fn token_row(grid: &TokenGrid, input: &[f32], y: usize, taps: &[f32], bias: &[f32], out: &mut [f32]) => token_row_body
+);
+
+/// Each output value is [`dot9`]'s sum in the kernel's order, plus the bias: the bits of the
+/// NCHW path, computed 16 channels at a time.
+#[inline(always)]
+fn token_row_body<F: MulAdd>(
+    grid: &TokenGrid,
+    input: &[f32],
+    y: usize,
+    taps: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+) {
+    const LANES: usize = 16;
+    let (h, w, c) = (grid.h, grid.w, grid.c);
+    // Taps outside the grid multiply zeros: they are skipped, which leaves every sum the
+    // same (x + 0 = x; the centre tap is always inside).
+    let rows = (y == 0) as usize..3 - (y + 1 == h) as usize;
+    for x in 0..w {
+        let cols = (x == 0) as usize..3 - (x + 1 == w) as usize;
+        let dst = &mut out[x * c..(x + 1) * c];
+        let mut c0 = 0;
+        while c0 + LANES <= c {
+            let mut acc = [0f32; LANES];
+            for dy in rows.clone() {
+                for dx in cols.clone() {
+                    let o = ((y + dy - 1) * w + x + dx - 1) * c + c0;
+                    let v: &[f32; LANES] = input[o..o + LANES].try_into().unwrap();
+                    let t = (dy * 3 + dx) * c + c0;
+                    let k: &[f32; LANES] = taps[t..t + LANES].try_into().unwrap();
+                    for l in 0..LANES {
+                        // Separate multiply and add, as dot9.
+                        acc[l] += k[l] * v[l];
+                    }
+                }
+            }
+            let b: &[f32; LANES] = bias[c0..c0 + LANES].try_into().unwrap();
+            let d: &mut [f32; LANES] = (&mut dst[c0..c0 + LANES]).try_into().unwrap();
+            for l in 0..LANES {
+                let o = acc[l] + b[l];
+                d[l] = if grid.gelu { gelu::<F>(o) } else { o };
+            }
+            c0 += LANES;
         }
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn row_avx512(
-        &self,
-        input: &[f32],
-        y: usize,
-        taps: &[f32],
-        bias: &[f32],
-        out: &mut [f32],
-    ) {
-        self.row_body::<Fused>(input, y, taps, bias, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn row_avx2(
-        &self,
-        input: &[f32],
-        y: usize,
-        taps: &[f32],
-        bias: &[f32],
-        out: &mut [f32],
-    ) {
-        self.row_body::<Fused>(input, y, taps, bias, out)
-    }
-
-    /// Each output value is [`dot9`]'s sum in the kernel's order, plus the bias: the bits of the
-    /// NCHW path, computed 16 channels at a time.
-    #[inline(always)]
-    fn row_body<F: MulAdd>(
-        &self,
-        input: &[f32],
-        y: usize,
-        taps: &[f32],
-        bias: &[f32],
-        out: &mut [f32],
-    ) {
-        const LANES: usize = 16;
-        let (h, w, c) = (self.h, self.w, self.c);
-        // Taps outside the grid multiply zeros: they are skipped, which leaves every sum the
-        // same (x + 0 = x; the centre tap is always inside).
-        let rows = (y == 0) as usize..3 - (y + 1 == h) as usize;
-        for x in 0..w {
-            let cols = (x == 0) as usize..3 - (x + 1 == w) as usize;
-            let dst = &mut out[x * c..(x + 1) * c];
-            let mut c0 = 0;
-            while c0 + LANES <= c {
-                let mut acc = [0f32; LANES];
-                for dy in rows.clone() {
-                    for dx in cols.clone() {
-                        let o = ((y + dy - 1) * w + x + dx - 1) * c + c0;
-                        let v: &[f32; LANES] = input[o..o + LANES].try_into().unwrap();
-                        let t = (dy * 3 + dx) * c + c0;
-                        let k: &[f32; LANES] = taps[t..t + LANES].try_into().unwrap();
-                        for l in 0..LANES {
-                            // Separate multiply and add, as dot9.
-                            acc[l] += k[l] * v[l];
-                        }
-                    }
+        for ch in c0..c {
+            let mut acc = 0f32;
+            for dy in rows.clone() {
+                for dx in cols.clone() {
+                    let o = ((y + dy - 1) * w + x + dx - 1) * c + ch;
+                    acc += taps[(dy * 3 + dx) * c + ch] * input[o];
                 }
-                let b: &[f32; LANES] = bias[c0..c0 + LANES].try_into().unwrap();
-                let d: &mut [f32; LANES] = (&mut dst[c0..c0 + LANES]).try_into().unwrap();
-                for l in 0..LANES {
-                    let o = acc[l] + b[l];
-                    d[l] = if self.gelu { gelu::<F>(o) } else { o };
-                }
-                c0 += LANES;
             }
-            for ch in c0..c {
-                let mut acc = 0f32;
-                for dy in rows.clone() {
-                    for dx in cols.clone() {
-                        let o = ((y + dy - 1) * w + x + dx - 1) * c + ch;
-                        acc += taps[(dy * 3 + dx) * c + ch] * input[o];
-                    }
-                }
-                let o = acc + bias[ch];
-                dst[ch] = if self.gelu { gelu::<F>(o) } else { o };
-            }
+            let o = acc + bias[ch];
+            dst[ch] = if grid.gelu { gelu::<F>(o) } else { o };
         }
     }
 }
@@ -768,132 +733,97 @@ struct Plane {
     gelu: bool,
 }
 
-impl Plane {
-    /// `out` (`oh x ow`) from `input` (`h x w`); `rows` is scratch for three padded rows.
-    fn run(&self, input: &[f32], weights: &[f32; 9], bias: f32, out: &mut [f32], rows: &mut [f32]) {
-        match isa() {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX-512F (probed).
-            Isa::Avx512 => unsafe { self.run_avx512(input, weights, bias, out, rows) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: the CPU has AVX2 and FMA (probed).
-            Isa::Avx2Fma => unsafe { self.run_avx2(input, weights, bias, out, rows) },
-            Isa::Baseline => self.body::<Baseline>(input, weights, bias, out, rows),
-        }
-    }
+super::vector_math::dispatch_isa!(
+    /// One channel plane's `out` (`oh x ow`) from `input` (`h x w`); `rows` is scratch for three
+    /// padded rows.
+    fn plane_run(plane: &Plane, input: &[f32], weights: &[f32; 9], bias: f32, out: &mut [f32], rows: &mut [f32]) => plane_body
+);
 
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn run_avx512(
-        &self,
-        input: &[f32],
-        weights: &[f32; 9],
-        bias: f32,
-        out: &mut [f32],
-        rows: &mut [f32],
-    ) {
-        self.body::<Fused>(input, weights, bias, out, rows)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn run_avx2(
-        &self,
-        input: &[f32],
-        weights: &[f32; 9],
-        bias: f32,
-        out: &mut [f32],
-        rows: &mut [f32],
-    ) {
-        self.body::<Fused>(input, weights, bias, out, rows)
-    }
-
-    /// For each output row, the three input rows it reads are copied zero-padded into `rows`
-    /// (stride 2: split into even and odd padded columns, so that every tap is a contiguous
-    /// read), then each output value is the nine products in the kernel's order, plus the bias.
-    #[inline(always)]
-    fn body<F: MulAdd>(
-        &self,
-        input: &[f32],
-        k: &[f32; 9],
-        bias: f32,
-        out: &mut [f32],
-        rows: &mut [f32],
-    ) {
-        let (h, w, ow) = (self.h, self.w, self.ow);
-        let stride = self.stride;
-        // Padded column j holds input column j - 1; columns 0 and w + 1 are zero.
-        let seg = scratch_row(w);
-        let half = seg / 2;
-        for (y, out_row) in out.chunks_exact_mut(ow).enumerate() {
-            for r in 0..3 {
-                let dst = &mut rows[r * seg..(r + 1) * seg];
-                dst.fill(0.0);
-                let iy = (y * stride + r) as isize - 1;
-                if iy < 0 || iy as usize >= h {
-                    continue;
-                }
-                let src = &input[iy as usize * w..(iy as usize + 1) * w];
-                if stride == 1 {
-                    dst[1..w + 1].copy_from_slice(src);
-                } else {
-                    let (even, odd) = dst.split_at_mut(half);
-                    for (j, &v) in src.iter().enumerate() {
-                        let pj = j + 1;
-                        if pj % 2 == 0 {
-                            even[pj / 2] = v;
-                        } else {
-                            odd[pj / 2] = v;
-                        }
+/// For each output row, the three input rows it reads are copied zero-padded into `rows`
+/// (stride 2: split into even and odd padded columns, so that every tap is a contiguous
+/// read), then each output value is the nine products in the kernel's order, plus the bias.
+#[inline(always)]
+fn plane_body<F: MulAdd>(
+    plane: &Plane,
+    input: &[f32],
+    k: &[f32; 9],
+    bias: f32,
+    out: &mut [f32],
+    rows: &mut [f32],
+) {
+    let (h, w, ow) = (plane.h, plane.w, plane.ow);
+    let stride = plane.stride;
+    // Padded column j holds input column j - 1; columns 0 and w + 1 are zero.
+    let seg = scratch_row(w);
+    let half = seg / 2;
+    for (y, out_row) in out.chunks_exact_mut(ow).enumerate() {
+        for r in 0..3 {
+            let dst = &mut rows[r * seg..(r + 1) * seg];
+            dst.fill(0.0);
+            let iy = (y * stride + r) as isize - 1;
+            if iy < 0 || iy as usize >= h {
+                continue;
+            }
+            let src = &input[iy as usize * w..(iy as usize + 1) * w];
+            if stride == 1 {
+                dst[1..w + 1].copy_from_slice(src);
+            } else {
+                let (even, odd) = dst.split_at_mut(half);
+                for (j, &v) in src.iter().enumerate() {
+                    let pj = j + 1;
+                    if pj % 2 == 0 {
+                        even[pj / 2] = v;
+                    } else {
+                        odd[pj / 2] = v;
                     }
                 }
             }
-            let (r0, rest) = rows.split_at(seg);
-            let (r1, r2) = rest.split_at(seg);
-            let (r2, _) = r2.split_at(seg);
-            if stride == 1 {
-                let (r0, r1, r2) = (&r0[..ow + 2], &r1[..ow + 2], &r2[..ow + 2]);
-                for (x, o) in out_row.iter_mut().enumerate() {
-                    let v = [
-                        r0[x],
-                        r0[x + 1],
-                        r0[x + 2],
-                        r1[x],
-                        r1[x + 1],
-                        r1[x + 2],
-                        r2[x],
-                        r2[x + 1],
-                        r2[x + 2],
-                    ];
-                    *o = dot9(k, v) + bias;
-                }
-            } else {
-                // Output x reads padded columns 2x, 2x + 1, 2x + 2: even[x], odd[x], even[x + 1].
-                fn split(r: &[f32], half: usize, ow: usize) -> (&[f32], &[f32]) {
-                    let (even, odd) = r.split_at(half);
-                    (&even[..ow + 1], &odd[..ow])
-                }
-                let ((e0, o0), (e1, o1)) = (split(r0, half, ow), split(r1, half, ow));
-                let (e2, o2) = split(r2, half, ow);
-                for (x, o) in out_row.iter_mut().enumerate() {
-                    let v = [
-                        e0[x],
-                        o0[x],
-                        e0[x + 1],
-                        e1[x],
-                        o1[x],
-                        e1[x + 1],
-                        e2[x],
-                        o2[x],
-                        e2[x + 1],
-                    ];
-                    *o = dot9(k, v) + bias;
-                }
+        }
+        let (r0, rest) = rows.split_at(seg);
+        let (r1, r2) = rest.split_at(seg);
+        let (r2, _) = r2.split_at(seg);
+        if stride == 1 {
+            let (r0, r1, r2) = (&r0[..ow + 2], &r1[..ow + 2], &r2[..ow + 2]);
+            for (x, o) in out_row.iter_mut().enumerate() {
+                let v = [
+                    r0[x],
+                    r0[x + 1],
+                    r0[x + 2],
+                    r1[x],
+                    r1[x + 1],
+                    r1[x + 2],
+                    r2[x],
+                    r2[x + 1],
+                    r2[x + 2],
+                ];
+                *o = dot9(k, v) + bias;
             }
-            if self.gelu {
-                for o in out_row.iter_mut() {
-                    *o = gelu::<F>(*o);
-                }
+        } else {
+            // Output x reads padded columns 2x, 2x + 1, 2x + 2: even[x], odd[x], even[x + 1].
+            fn split(r: &[f32], half: usize, ow: usize) -> (&[f32], &[f32]) {
+                let (even, odd) = r.split_at(half);
+                (&even[..ow + 1], &odd[..ow])
+            }
+            let ((e0, o0), (e1, o1)) = (split(r0, half, ow), split(r1, half, ow));
+            let (e2, o2) = split(r2, half, ow);
+            for (x, o) in out_row.iter_mut().enumerate() {
+                let v = [
+                    e0[x],
+                    o0[x],
+                    e0[x + 1],
+                    e1[x],
+                    o1[x],
+                    e1[x + 1],
+                    e2[x],
+                    o2[x],
+                    e2[x + 1],
+                ];
+                *o = dot9(k, v) + bias;
+            }
+        }
+        if plane.gelu {
+            for o in out_row.iter_mut() {
+                *o = gelu::<F>(*o);
             }
         }
     }
@@ -959,31 +889,12 @@ impl EvalOp for Gelu {
     }
 }
 
-fn gelu_slice(values: &mut [f32]) {
-    #[inline(always)]
-    fn body<F: MulAdd>(values: &mut [f32]) {
-        for v in values {
-            *v = gelu::<F>(*v);
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn avx512(values: &mut [f32]) {
-        body::<Fused>(values)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(values: &mut [f32]) {
-        body::<Fused>(values)
-    }
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: probed.
-        Isa::Avx512 => unsafe { avx512(values) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: probed.
-        Isa::Avx2Fma => unsafe { avx2(values) },
-        Isa::Baseline => body::<Baseline>(values),
+super::vector_math::dispatch_isa!(fn gelu_slice(values: &mut [f32]) => gelu_slice_body);
+
+#[inline(always)]
+fn gelu_slice_body<F: MulAdd>(values: &mut [f32]) {
+    for v in values {
+        *v = gelu::<F>(*v);
     }
 }
 

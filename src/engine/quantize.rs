@@ -17,7 +17,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
-use super::vector_math::{isa, Isa};
+use super::vector_math::MulAdd;
 
 /// Values per block of either pass.
 const BLOCK: usize = 16 * 1024;
@@ -167,50 +167,31 @@ fn max(a: f32, b: f32) -> f32 {
     }
 }
 
-fn block_range(x: &[f32]) -> (f32, f32) {
-    #[inline(always)]
-    fn body(x: &[f32]) -> (f32, f32) {
-        const LANES: usize = 16;
-        let mut lo = [0f32; LANES];
-        let mut hi = [0f32; LANES];
-        let chunks = x.chunks_exact(LANES);
-        let rest = chunks.remainder();
-        for chunk in chunks {
-            for l in 0..LANES {
-                lo[l] = min(lo[l], chunk[l]);
-                hi[l] = max(hi[l], chunk[l]);
-            }
-        }
-        let (mut a, mut b) = (0f32, 0f32);
+super::vector_math::dispatch_isa!(fn block_range(x: &[f32]) -> (f32, f32) => block_range_body);
+
+#[inline(always)]
+fn block_range_body<F: MulAdd>(x: &[f32]) -> (f32, f32) {
+    const LANES: usize = 16;
+    let mut lo = [0f32; LANES];
+    let mut hi = [0f32; LANES];
+    let chunks = x.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
         for l in 0..LANES {
-            a = min(a, lo[l]);
-            b = max(b, hi[l]);
+            lo[l] = min(lo[l], chunk[l]);
+            hi[l] = max(hi[l], chunk[l]);
         }
-        for &v in rest {
-            a = min(a, v);
-            b = max(b, v);
-        }
-        (a, b)
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn avx512(x: &[f32]) -> (f32, f32) {
-        body(x)
+    let (mut a, mut b) = (0f32, 0f32);
+    for l in 0..LANES {
+        a = min(a, lo[l]);
+        b = max(b, hi[l]);
     }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(x: &[f32]) -> (f32, f32) {
-        body(x)
+    for &v in rest {
+        a = min(a, v);
+        b = max(b, v);
     }
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: probed.
-        Isa::Avx512 => unsafe { avx512(x) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: probed.
-        Isa::Avx2Fma => unsafe { avx2(x) },
-        Isa::Baseline => body(x),
-    }
+    (a, b)
 }
 
 /// Scale and zero point of a range that holds 0, as ONNX (and tract) define them.
@@ -230,34 +211,21 @@ fn quantize(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
         out.fill(zero_point);
         return;
     }
-    #[inline(always)]
-    fn body(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
-        let zp = zero_point as f32;
-        for (y, &v) in out.iter_mut().zip(x) {
-            // |v / scale| ≤ 255 (v is inside the range), so the rounding constant is exact.
-            let q = (v / scale + ROUNDING) - ROUNDING + zp;
-            let q = q.clamp(0.0, 255.0);
-            *y = ((q + ROUNDING).to_bits() & 0xff) as u8;
-        }
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn avx512(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
-        body(x, scale, zero_point, out)
-    }
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn avx2(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
-        body(x, scale, zero_point, out)
-    }
-    match isa() {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: probed.
-        Isa::Avx512 => unsafe { avx512(x, scale, zero_point, out) },
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: probed.
-        Isa::Avx2Fma => unsafe { avx2(x, scale, zero_point, out) },
-        Isa::Baseline => body(x, scale, zero_point, out),
+    quantize_values(x, scale, zero_point, out)
+}
+
+super::vector_math::dispatch_isa!(
+    fn quantize_values(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) => quantize_body
+);
+
+#[inline(always)]
+fn quantize_body<F: MulAdd>(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
+    let zp = zero_point as f32;
+    for (y, &v) in out.iter_mut().zip(x) {
+        // |v / scale| ≤ 255 (v is inside the range), so the rounding constant is exact.
+        let q = (v / scale + ROUNDING) - ROUNDING + zp;
+        let q = q.clamp(0.0, 255.0);
+        *y = ((q + ROUNDING).to_bits() & 0xff) as u8;
     }
 }
 

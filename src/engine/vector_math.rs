@@ -30,6 +30,39 @@ pub fn isa() -> Isa {
     })
 }
 
+/// Defines `fn NAME(args) -> ret` that runs `BODY::<F>(args)` compiled for the instruction set
+/// [`isa`] found: AVX-512F or AVX2+FMA (`F` = [`Fused`]) on x86_64, the target's baseline
+/// (`F` = [`Baseline`]) otherwise. `BODY` is a free generic function marked `#[inline(always)]`,
+/// so that it is compiled inside each variant.
+macro_rules! dispatch_isa {
+    ($(#[$attr:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? => $body:ident) => {
+        $(#[$attr])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            use $crate::engine::vector_math::{isa, Baseline, Isa};
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx512f")]
+            unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
+                $body::<$crate::engine::vector_math::Fused>($($arg),*)
+            }
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
+                $body::<$crate::engine::vector_math::Fused>($($arg),*)
+            }
+            match isa() {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX-512F (probed).
+                Isa::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has AVX2 and FMA (probed).
+                Isa::Avx2Fma => unsafe { avx2($($arg),*) },
+                Isa::Baseline => $body::<Baseline>($($arg),*),
+            }
+        }
+    };
+}
+pub(crate) use dispatch_isa;
+
 /// Multiply-add, fused where the instruction set has it.
 pub trait MulAdd {
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
