@@ -507,6 +507,7 @@ fn channel_stats(
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
+    use tract_onnx::pb;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)
@@ -514,8 +515,26 @@ pub(super) mod tests {
             .collect()
     }
 
+    /// A graph input or output of type `elem_type`, shape left to inference.
+    pub(in crate::engine) fn value_info(
+        name: &str,
+        elem_type: pb::tensor_proto::DataType,
+    ) -> pb::ValueInfoProto {
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: elem_type as i32,
+                    shape: None,
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     /// The default model's encoder as an ONNX proto, for the rewrites' tests.
-    pub(in crate::engine) fn default_encoder_proto() -> tract_onnx::pb::ModelProto {
+    pub(in crate::engine) fn default_encoder_proto() -> pb::ModelProto {
         let files = crate::model::ModelFiles::default_model().expect("default model");
         let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
         onnx().proto_model_for_read(&mut &*bytes).unwrap()

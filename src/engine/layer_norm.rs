@@ -289,9 +289,7 @@ pub(super) fn scalar_value(t: &pb::TensorProto) -> Option<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::{
-        tensor_proto::DataType, type_proto, TensorProto, TypeProto, ValueInfoProto,
-    };
+    use tract_onnx::pb::{tensor_proto::DataType, TensorProto, ValueInfoProto};
     use tract_onnx::prelude::*;
 
     fn float_tensor(name: &str, dims: &[i64], values: &[f32]) -> TensorProto {
@@ -324,17 +322,7 @@ mod tests {
     }
 
     fn value_info(name: &str) -> ValueInfoProto {
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: DataType::Float as i32,
-                    shape: None,
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
+        crate::engine::fast_ops::tests::value_info(name, DataType::Float)
     }
 
     /// `y = LayerNorm(x) over the last axis of 8, spelled out as PyTorch exports it at opset 12`;

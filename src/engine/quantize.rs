@@ -232,21 +232,8 @@ fn quantize_body<F: MulAdd>(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tract_onnx::pb::{self, tensor_proto::DataType, type_proto, TypeProto, ValueInfoProto};
-
-    fn value_info(name: &str, elem_type: DataType) -> ValueInfoProto {
-        ValueInfoProto {
-            name: name.into(),
-            r#type: Some(TypeProto {
-                value: Some(type_proto::Value::TensorType(type_proto::Tensor {
-                    elem_type: elem_type as i32,
-                    shape: None,
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
+    use crate::engine::fast_ops::tests::value_info;
+    use tract_onnx::pb::{self, tensor_proto::DataType};
 
     /// One `DynamicQuantizeLinear` node, as `quantize_dynamic` writes it.
     fn model() -> pb::ModelProto {
