@@ -15,6 +15,7 @@ mod depthwise;
 mod fast_ops;
 mod layer_norm;
 mod linear;
+mod linear_int8;
 mod onnx_graph;
 mod quantize;
 mod vector_math;
@@ -114,7 +115,8 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 /// `fuse_attention` (the image encoders) also: channel-axis layer norms; attention subgraphs
 /// ([`attention::fuse`]), windowed ones on the token grid without their partition
 /// ([`window_attention::fuse`]; `SAMRT_WINDOW_ATTENTION=0`); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
-/// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`). (The decoder's
+/// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`), int8 linear
+/// layers where its VNNI kernel runs ([`linear_int8::fuse`]; `SAMRT_LINEAR_INT8=0`). (The decoder's
 /// channel norms stay tract's: with samrt's, the service's resident memory grew frame after
 /// frame in tests/service.rs's soak test, not yet understood.) Returns the model and how many
 /// attention blocks were fused.
@@ -160,6 +162,12 @@ fn parse_onnx_fused(
             if std::env::var("SAMRT_CONV1X1").map_or(true, |v| v != "0") {
                 conv1x1::fuse(graph);
             }
+        }
+        if fuse_attention
+            && linear_int8::available()
+            && std::env::var("SAMRT_LINEAR_INT8").map_or(true, |v| v != "0")
+        {
+            linear_int8::fuse(graph);
         }
         if fuse_attention {
             fused = attention::fuse(graph);
