@@ -168,6 +168,30 @@ fn dynamic_int8_encoder_stays_close_to_fp32() {
     );
 }
 
+/// samrt's own int8 (`export_sam.py --quantize int8-static`: per-channel weights, activation
+/// scales calibrated on the unlabelled test photos), run by samrt's int8 kernel where the CPU has
+/// VNNI and by tract's operators elsewhere.
+#[test]
+fn static_int8_encoder_stays_close_to_fp32() {
+    let goldens = load_json("reference/vit_b_reduced/goldens.json");
+    let files = ModelFiles::from_dir(&model_dir())
+        .unwrap()
+        .with_precision("int8-static")
+        .unwrap();
+    assert!(files.encoder.ends_with("encoder.int8-static.onnx"));
+    let int8 = SamPredictor::load(&files).unwrap();
+    let image = &goldens["images"][0];
+    let photo =
+        samrt::image_io::load_rgb(&data_dir().join(image["file"].as_str().unwrap())).unwrap();
+    let quantized = int8.embed(&photo).unwrap();
+    let e = &image["embedding"];
+    let reference = load_f32(e["file"].as_str().unwrap(), 0, quantized.data().len());
+    let cos = cosine(quantized.data(), &reference);
+    println!("static int8 encoder: cosine {cos:.6} against PyTorch fp32");
+    // onnxruntime on the same file: 0.99995 against its fp32 (export_report.json).
+    assert!(cos >= 0.9995, "static int8 embedding cosine {cos}");
+}
+
 #[test]
 fn manifests_drive_loading_and_bad_ones_are_explained() {
     let files = ModelFiles::from_dir(&model_dir()).unwrap();

@@ -2,7 +2,7 @@
 """Export a Segment Anything model to a samrt model directory (encoder.onnx, decoder.onnx, manifest.json).
 
     python models/tools/export_sam.py --arch {vit_b,vit_l,vit_h,vit_b_reduced,mobile_sam} \
-        (--checkpoint PATH | --random-weights --seed N) --out DIR [--quantize int8-dynamic] [--opset 17]
+        (--checkpoint PATH | --random-weights --seed N) --out DIR [--quantize int8-dynamic|int8-static ...] [--opset 17]
 
 What it writes (all tensors float32):
 
@@ -18,7 +18,9 @@ What it writes (all tensors float32):
   ``iou_predictions`` [1,4]. Like SamOnnxModel it does NOT add the padding point that Meta's
   PromptEncoder appends when there is no box: the caller appends (0,0) with label -1.
 * ``encoder.int8.onnx`` (``--quantize int8-dynamic``) -- ``onnxruntime.quantization.quantize_dynamic``,
-  QInt8 per-tensor weights (DynamicQuantizeLinear + MatMulInteger/ConvInteger; no QDQ static graph).
+  QInt8 per-tensor weights (DynamicQuantizeLinear + MatMulInteger/ConvInteger).
+* ``encoder.int8-static.onnx`` (``--quantize int8-static``) -- samrt's own int8: the linear layers in
+  static QDQ, weights per channel, activation scales calibrated on photos (``quantize_static.py``).
 * ``manifest.json`` -- names, sha256 sums, normalization constants, versions.
 
 Every ONNX file is checked against PyTorch with onnxruntime before the manifest is written.
@@ -413,7 +415,8 @@ def main(argv=None):
     w.add_argument("--random-weights", action="store_true", help="random weights (needs --seed)")
     ap.add_argument("--seed", type=int, help="seed for --random-weights")
     ap.add_argument("--out", required=True, type=Path)
-    ap.add_argument("--quantize", choices=["int8-dynamic"], default=None)
+    ap.add_argument("--quantize", choices=["int8-dynamic", "int8-static"], action="append", default=[],
+                    help="also write a quantized encoder (repeat for both)")
     ap.add_argument("--opset", type=int, default=17)
     ap.add_argument("--name", default=None, help="manifest name (default: the --out directory name)")
     ap.add_argument("--check-image", default=None,
@@ -468,7 +471,7 @@ def main(argv=None):
         report["encoder_ops"] = op_types(enc_path)
         report["decoder_ops"] = op_types(dec_path)
         variants = []
-        if args.quantize == "int8-dynamic":
+        if "int8-dynamic" in args.quantize:
             q_path = tmp / "encoder.int8.onnx"
             t = time.time()
             quantize_encoder(enc_path, q_path)
@@ -487,6 +490,25 @@ def main(argv=None):
                 qcheck[k] = {"cosine_vs_fp32": cosine(a, b), **errors(a, b)}
             report["int8_check"] = qcheck
             variants.append({"file": "encoder.int8.onnx", "sha256": sha256_file(q_path), "precision": "int8-dynamic"})
+        if "int8-static" in args.quantize:
+            import quantize_static
+
+            s_path = tmp / quantize_static.FILE
+            t = time.time()
+            quantize_static.quantize_static_encoder(enc_path, s_path, quantize_static.default_calibration_images(),
+                                                    PIXEL_MEAN, PIXEL_STD, "image")
+            report["quantize_static_s"] = round(time.time() - t, 1)
+            fp = ort_session(enc_path)
+            q = ort_session(s_path)
+            scheck = {}
+            if check_image:
+                x = preprocess_image(sam, check_image)[0].numpy()
+                a = fp.run(["image_embeddings"], {"image": x})[0]
+                b = q.run(["image_embeddings"], {"image": x})[0]
+                scheck[os.path.basename(check_image)] = {"cosine_vs_fp32": cosine(a, b), **errors(a, b)}
+            report["int8_static_check"] = scheck
+            variants.append({"file": quantize_static.FILE, "sha256": sha256_file(s_path),
+                             "precision": quantize_static.PRECISION})
 
         # Move into place only after all checks passed.
         for f in sorted(tmp.iterdir()):

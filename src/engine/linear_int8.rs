@@ -204,6 +204,100 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
     count
 }
 
+/// A one-element initializer of type `data_type`.
+fn scalar_initializer(
+    index: &GraphIndex,
+    name: &str,
+    data_type: pb::tensor_proto::DataType,
+) -> bool {
+    index
+        .initializers
+        .get(name)
+        .is_some_and(|t| t.data_type == data_type as i32 && t.dims.iter().product::<i64>() == 1)
+}
+
+/// Replaces the static QDQ linear layer, `DequantizeLinear(x_q, x_scale, x_zp)` (one scale, u8)
+/// and `DequantizeLinear(W_q, w_scale, 0)` (int8 `[k, n]`, one scale or one per column) →
+/// `MatMul` → `Add(·, b)` (and the `SamrtGelu` the `Add` feeds alone), by one `SamrtLinearInt8`
+/// node on the same `x_q` and the scales' product (a `Mul` of constants, folded at load); the
+/// `QuantizeLinear` that makes `x_q` stays. Returns how many. Run after
+/// [`super::depthwise::fuse`], only when [`available`].
+pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
+    use pb::tensor_proto::DataType;
+    let index = GraphIndex::new(graph);
+    let mut removed: HashSet<usize> = HashSet::new();
+    let mut fused: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    for (mm_ix, mm) in index.nodes.iter().enumerate() {
+        if mm.op_type != "MatMul" || mm.input.len() != 2 {
+            continue;
+        }
+        let (Some(dq_x), Some(dq_w)) = (
+            index.producer_of(&mm.input[0], "DequantizeLinear"),
+            index.producer_of(&mm.input[1], "DequantizeLinear"),
+        ) else {
+            continue;
+        };
+        let (x, w) = (&index.nodes[dq_x], &index.nodes[dq_w]);
+        if x.input.len() != 3
+            || w.input.len() != 3
+            || !scalar_initializer(&index, &x.input[1], DataType::Float)
+            || !scalar_initializer(&index, &x.input[2], DataType::Uint8)
+            || !zero_int8(&index, &w.input[2])
+        {
+            continue;
+        }
+        let Some(weight) = int8_weights(&index, &w.input[0]) else {
+            continue;
+        };
+        let n = weight.dims[1];
+        let per_column = index
+            .initializers
+            .get(w.input[1].as_str())
+            .is_some_and(|t| {
+                let axis = w
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "axis")
+                    .map_or(1, |a| a.i);
+                t.data_type == DataType::Float as i32
+                    && ((t.dims.iter().product::<i64>() == 1)
+                        || (t.dims == [n] && (axis == 1 || axis == -1)))
+            });
+        if !per_column {
+            continue;
+        }
+        let Some((add_ix, bias)) = bias_add(&index, &mm.output[0], n) else {
+            continue;
+        };
+        let scale = format!("{}.samrt_int8_scale", mm.name);
+        let product = NodeProto {
+            name: scale.clone(),
+            op_type: "Mul".into(),
+            input: vec![x.input[1].clone(), w.input[1].clone()],
+            output: vec![scale.clone()],
+            ..Default::default()
+        };
+        let inputs = [
+            x.input[0].as_str(),
+            w.input[0].as_str(),
+            x.input[2].as_str(),
+            scale.as_str(),
+            bias,
+        ];
+        let (at, node) = linear_node(&index, &mm.name, inputs, add_ix, &mut removed);
+        removed.insert(mm_ix);
+        for dq in [dq_x, dq_w] {
+            if index.single_use(&index.nodes[dq].output[0]) {
+                removed.insert(dq);
+            }
+        }
+        fused.insert(at, vec![product, node]);
+    }
+    let count = fused.len();
+    super::layer_norm::splice_many(graph, fused, &removed);
+    count
+}
+
 // ---------------------------------------------------------------------------------------------
 // The operator, as tract's parser builds it.
 
@@ -814,6 +908,101 @@ mod tests {
             .count();
         assert_eq!(gelus, 2);
         assert!(graph.node.iter().all(|n| n.op_type != "MatMulInteger"));
+    }
+
+    /// The fixture's static int8 encoder (`--quantize int8-static`): its eight linear layers.
+    #[test]
+    fn vit_b_static_int8_linear_layers_are_rewritten() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/models/vit_b_reduced/encoder.int8-static.onnx"
+        );
+        let bytes = std::fs::read(path).unwrap();
+        let mut proto = crate::engine::fast_ops::onnx()
+            .proto_model_for_read(&mut &*bytes)
+            .unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        super::super::depthwise::fuse(graph);
+        assert_eq!(fuse(graph), 0);
+        assert_eq!(fuse_qdq(graph), 8);
+        // Only the attention's activation-by-activation products stay MatMuls.
+        let matmuls = graph.node.iter().filter(|n| n.op_type == "MatMul").count();
+        assert_eq!(matmuls, 4);
+        // Two of the activations' DequantizeLinear stay for `Shape` nodes (whose values tract
+        // folds at load, leaving the dequantization unused).
+        let index = GraphIndex::new(graph);
+        for dq in graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "DequantizeLinear")
+        {
+            let users = &index.consumers[dq.output[0].as_str()];
+            assert!(
+                users.iter().all(|&u| graph.node[u].op_type == "Shape"),
+                "{}",
+                dq.name
+            );
+        }
+    }
+
+    /// A static QDQ linear layer with per-column weight scales: samrt's operator against
+    /// tract's `QuantizeLinear` → `DequantizeLinear` → `MatMul` → `Add` in f32 (an exact int32
+    /// sum then one scaling, against a float sum of dequantized products: float rounding apart).
+    #[test]
+    fn static_qdq_chain_matches_tracts_float_chain() {
+        let (rows, k, n) = (77, 96, 40);
+        let w: Vec<u8> = values(k * n, 2, 127.0)
+            .iter()
+            .map(|&v| (v.round() as i8) as u8)
+            .collect();
+        let f32s = |v: Vec<f32>| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        let ws = values(n, 5, 0.01).iter().map(|v| v.abs() + 1e-3).collect();
+        let mut dq_w = node("DequantizeLinear", &["w", "ws", "wzp"], "wf");
+        dq_w.attribute.push(AttributeProto {
+            name: "axis".into(),
+            r#type: AttributeType::Int as i32,
+            i: 1,
+            ..Default::default()
+        });
+        let graph = pb::GraphProto {
+            node: vec![
+                node("QuantizeLinear", &["x", "xs", "xzp"], "xq"),
+                node("DequantizeLinear", &["xq", "xs", "xzp"], "xf"),
+                dq_w,
+                node("MatMul", &["xf", "wf"], "mm"),
+                node("Add", &["mm", "b"], "y"),
+            ],
+            initializer: vec![
+                tensor("xs", &[], DataType::Float, 0.025f32.to_le_bytes().to_vec()),
+                tensor("xzp", &[], DataType::Uint8, vec![121]),
+                tensor("w", &[k as i64, n as i64], DataType::Int8, w),
+                tensor("ws", &[n as i64], DataType::Float, f32s(ws)),
+                tensor("wzp", &[n as i64], DataType::Int8, vec![0; n]),
+                tensor("b", &[n as i64], DataType::Float, f32s(values(n, 3, 1.0))),
+            ],
+            input: vec![value_info("x", DataType::Float)],
+            output: vec![value_info("y", DataType::Float)],
+            ..Default::default()
+        };
+        let proto = pb::ModelProto {
+            ir_version: 7,
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 13,
+            }],
+            graph: Some(graph),
+            ..Default::default()
+        };
+        let x = Tensor::from_shape(&[rows, k], &values(rows * k, 1, 3.0)).unwrap();
+        let (want, _) = run(&proto, &x, 1);
+        let mut fused = proto.clone();
+        assert_eq!(fuse_qdq(fused.graph.as_mut().unwrap()), 1);
+        let (got, ops) = run(&fused, &x, 2);
+        assert!(ops.iter().any(|o| o == OP_TYPE), "{ops:?}");
+        let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * top, "{g} vs {w}");
+        }
     }
 
     /// The plain-arithmetic tile gives the VNNI tile's values (where it runs), GELU included.

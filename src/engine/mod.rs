@@ -116,7 +116,8 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 /// ([`attention::fuse`]), windowed ones on the token grid without their partition
 /// ([`window_attention::fuse`]; `SAMRT_WINDOW_ATTENTION=0`); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
 /// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`), int8 linear
-/// layers where its VNNI kernel runs ([`linear_int8::fuse`]; `SAMRT_LINEAR_INT8=0`). (The decoder's
+/// layers where its VNNI kernel runs ([`linear_int8::fuse`], [`linear_int8::fuse_qdq`];
+/// `SAMRT_LINEAR_INT8=0`). (The decoder's
 /// channel norms stay tract's: with samrt's, the service's resident memory grew frame after
 /// frame in tests/service.rs's soak test, not yet understood.) Returns the model and how many
 /// attention blocks were fused.
@@ -168,6 +169,7 @@ fn parse_onnx_fused(
             && std::env::var("SAMRT_LINEAR_INT8").map_or(true, |v| v != "0")
         {
             linear_int8::fuse(graph);
+            linear_int8::fuse_qdq(graph);
         }
         if fuse_attention {
             fused = attention::fuse(graph);
