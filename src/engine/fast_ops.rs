@@ -44,6 +44,8 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx.op_register
         .insert(super::linear_int8::OP_TYPE, super::linear_int8::build);
     onnx.op_register
+        .insert(super::quantize::STATIC_OP, super::quantize::build_static);
+    onnx.op_register
         .insert("DynamicQuantizeLinear", super::quantize::build);
     onnx
 }

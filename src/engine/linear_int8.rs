@@ -220,7 +220,8 @@ fn scalar_initializer(
 /// and `DequantizeLinear(W_q, w_scale, 0)` (int8 `[k, n]`, one scale or one per column) →
 /// `MatMul` → `Add(·, b)` (and the `SamrtGelu` the `Add` feeds alone), by one `SamrtLinearInt8`
 /// node on the same `x_q` and the scales' product (a `Mul` of constants, folded at load); the
-/// `QuantizeLinear` that makes `x_q` stays. Returns how many. Run after
+/// `QuantizeLinear` that makes `x_q` (one constant scale, u8) becomes samrt's threaded
+/// [`super::quantize::STATIC_OP`]. Returns how many linear layers. Run after
 /// [`super::depthwise::fuse`], only when [`available`].
 pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
     use pb::tensor_proto::DataType;
@@ -286,6 +287,20 @@ pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
         ];
         let (at, node) = linear_node(&index, &mm.name, inputs, add_ix, &mut removed);
         removed.insert(mm_ix);
+        // The activation's quantization as samrt's operator (tract's runs on one thread).
+        if let Some(q_ix) = index.producer_of(&x.input[0], "QuantizeLinear") {
+            let q = &index.nodes[q_ix];
+            if q.input.len() == 3
+                && scalar_initializer(&index, &q.input[1], DataType::Float)
+                && scalar_initializer(&index, &q.input[2], DataType::Uint8)
+            {
+                let mut ours = q.clone();
+                ours.op_type = super::quantize::STATIC_OP.into();
+                ours.domain = DOMAIN.into();
+                ours.attribute.clear();
+                fused.insert(q_ix, vec![ours]);
+            }
+        }
         for dq in [dq_x, dq_w] {
             if index.single_use(&index.nodes[dq].output[0]) {
                 removed.insert(dq);
@@ -293,7 +308,7 @@ pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
         }
         fused.insert(at, vec![product, node]);
     }
-    let count = fused.len();
+    let count = fused.values().filter(|n| n.len() == 2).count();
     super::layer_norm::splice_many(graph, fused, &removed);
     count
 }

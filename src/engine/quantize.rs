@@ -113,17 +113,7 @@ impl EvalOp for DynamicQuantize {
         {
             let mut out = output.try_as_plain_ram_mut()?;
             let out = out.as_slice_mut::<u8>()?;
-            let len = out.len();
-            if len > 0 {
-                let (whole, tail) = out.split_at_mut(len / BLOCK * BLOCK);
-                par_chunks_mut(whole, BLOCK, len, |first, blocks| {
-                    let start = first * BLOCK;
-                    quantize(&x[start..start + blocks.len()], scale, zero_point, blocks);
-                    Ok(())
-                })?;
-                let start = whole.len();
-                quantize(&x[start..], scale, zero_point, tail);
-            }
+            blockwise(x, out, |x, out| quantize(x, scale, zero_point, out))?;
         }
         Ok(tvec!(
             output.into_tvalue(),
@@ -131,6 +121,164 @@ impl EvalOp for DynamicQuantize {
             tensor0(zero_point).into_tvalue()
         ))
     }
+}
+
+/// The ONNX operator type of samrt's `QuantizeLinear` with a constant scale and u8 zero point
+/// (samrt's domain; [`super::linear_int8::fuse_qdq`] writes it for the activations entering its
+/// int8 linear layers).
+pub const STATIC_OP: &str = "SamrtQuantizeLinear";
+
+/// Builds a `SamrtQuantizeLinear(x, scale, zero_point)` node.
+pub fn build_static(
+    _ctx: &ParsingContext,
+    _node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    Ok((expand(StaticQuantizeExpansion), vec![]))
+}
+
+#[derive(Debug, Clone)]
+struct StaticQuantizeExpansion;
+
+impl Expansion for StaticQuantizeExpansion {
+    fn name(&self) -> StaticName {
+        STATIC_OP.into()
+    }
+
+    fn rules<'r, 'p: 'r, 's: 'r>(
+        &'s self,
+        s: &mut Solver<'r>,
+        inputs: &'p [TensorProxy],
+        outputs: &'p [TensorProxy],
+    ) -> InferenceResult {
+        check_input_arity(inputs, 3)?;
+        check_output_arity(outputs, 1)?;
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
+        s.equals(&inputs[0].shape, &outputs[0].shape)?;
+        s.equals(&outputs[0].datum_type, u8::datum_type())?;
+        Ok(())
+    }
+
+    fn wire(
+        &self,
+        prefix: &str,
+        model: &mut TypedModel,
+        inputs: &[OutletId],
+    ) -> TractResult<TVec<OutletId>> {
+        let scale = model.outlet_fact(inputs[1])?.konst.clone();
+        let zero_point = model.outlet_fact(inputs[2])?.konst.clone();
+        let (Some(scale), Some(zero_point)) = (scale, zero_point) else {
+            bail!("{STATIC_OP}: the scale and zero point must be constants");
+        };
+        let op = StaticQuantize {
+            scale: scale.cast_to_scalar::<f32>()?,
+            zero_point: zero_point.cast_to_scalar::<u8>()?,
+        };
+        model.wire_node(prefix, op, &[inputs[0]])
+    }
+}
+
+/// ONNX `QuantizeLinear` to u8 with one scale and zero point, known at load:
+/// `saturate(round_half_even(x / scale) + zero_point)`, blockwise over tract's pool.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StaticQuantize {
+    scale: f32,
+    zero_point: u8,
+}
+
+impl Eq for StaticQuantize {}
+
+impl std::hash::Hash for StaticQuantize {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        (self.scale.to_bits(), self.zero_point).hash(state)
+    }
+}
+
+impl Op for StaticQuantize {
+    fn name(&self) -> StaticName {
+        STATIC_OP.into()
+    }
+
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "scale: {}, zero point: {}",
+            self.scale, self.zero_point
+        )])
+    }
+
+    op_as_typed_op!();
+}
+
+impl TypedOp for StaticQuantize {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(u8::fact(inputs[0].shape.clone())))
+    }
+
+    as_op!();
+}
+
+impl EvalOp for StaticQuantize {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = &inputs[0];
+        let view = input.try_as_plain_ram()?;
+        let x = view.as_slice::<f32>()?;
+        // SAFETY: u8 has no invalid bit patterns, and every value is written below.
+        let mut output = unsafe { Tensor::uninitialized::<u8>(input.shape())? };
+        {
+            let mut out = output.try_as_plain_ram_mut()?;
+            let out = out.as_slice_mut::<u8>()?;
+            blockwise(x, out, |x, out| {
+                quantize_clamped(x, self.scale, self.zero_point, out)
+            })?;
+        }
+        Ok(tvec!(output.into_tvalue()))
+    }
+}
+
+/// [`quantize`] for values that may lie outside the range the scale was made for: clamped to
+/// ±2²² steps first, so that the rounding constant stays exact (the result saturates anyway).
+fn quantize_clamped(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
+    if scale.is_nan() || scale <= 0.0 {
+        out.fill(zero_point);
+        return;
+    }
+    quantize_clamped_values(x, scale, zero_point, out)
+}
+
+super::vector_math::dispatch_isa!(
+    fn quantize_clamped_values(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) => quantize_clamped_body
+);
+
+#[inline(always)]
+fn quantize_clamped_body<F: MulAdd>(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
+    let zp = zero_point as f32;
+    for (y, &v) in out.iter_mut().zip(x) {
+        let steps = (v / scale).clamp(-4_194_304.0, 4_194_304.0);
+        let q = (steps + ROUNDING) - ROUNDING + zp;
+        let q = q.clamp(0.0, 255.0);
+        *y = ((q + ROUNDING).to_bits() & 0xff) as u8;
+    }
+}
+
+/// `f(x part, out part)` over blocks of [`BLOCK`] values on tract's pool, then the tail.
+fn blockwise(
+    x: &[f32],
+    out: &mut [u8],
+    f: impl Fn(&[f32], &mut [u8]) + Sync + Send,
+) -> TractResult<()> {
+    let len = out.len();
+    let (whole, tail) = out.split_at_mut(len / BLOCK * BLOCK);
+    if !whole.is_empty() {
+        par_chunks_mut(whole, BLOCK, len, |first, blocks| {
+            let start = first * BLOCK;
+            f(&x[start..start + blocks.len()], blocks);
+            Ok(())
+        })?;
+    }
+    let start = whole.len();
+    f(&x[start..], tail);
+    Ok(())
 }
 
 /// `(min(0, min x), max(0, max x))`, NaNs ignored, over tract's pool.
@@ -305,6 +453,44 @@ mod tests {
                 .unwrap(),
             ops,
         )
+    }
+
+    /// samrt's static `QuantizeLinear` is ONNX's definition (x / scale rounded half to even,
+    /// plus the zero point, saturated) on values inside, outside and at the edges of the range,
+    /// ties included, at 1 and 2 threads.
+    #[test]
+    fn static_quantize_is_the_onnx_definition() {
+        let (scale, zero_point) = (0.05f32, 37u8);
+        let mut x: Vec<f32> = (0..3 * BLOCK + 5)
+            .map(|i| ((i * 2_654_435_761usize) % 20_011) as f32 / 1000.0 - 10.0)
+            .collect();
+        x.extend([0.025, 0.075, -0.025, -1.85, 1e30, -1e30, 10.7, 0.0]);
+        let want: Vec<u8> = x
+            .iter()
+            .map(|&v| ((v / scale).round_ties_even() + zero_point as f32).clamp(0.0, 255.0) as u8)
+            .collect();
+        let op = StaticQuantize { scale, zero_point };
+        let input = Tensor::from_shape(&[1, x.len()], &x).unwrap();
+        let run = || {
+            let out = op
+                .eval(
+                    &EvalContext::out_of_plan(),
+                    tvec!(input.clone().into_tvalue()),
+                )
+                .unwrap();
+            out[0]
+                .try_as_plain_ram()
+                .unwrap()
+                .as_slice::<u8>()
+                .unwrap()
+                .to_vec()
+        };
+        assert_eq!(run(), want);
+        let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
+            run,
+        );
+        assert_eq!(pooled, want);
     }
 
     /// Every output the same as tract's operator's, at 1 and 2 threads: ONNX's examples, all
