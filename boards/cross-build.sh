@@ -255,7 +255,7 @@ PY
 # Skipped: the two tests that spawn the samrt binary themselves (Command::new of an aarch64
 # executable needs binfmt_misc, which a CI container lacks; cargo's runner only wraps the test
 # binaries).
-QEMU_TESTS=(--lib --test aarch64_decoder --test jpeg_decode --test pil_resize --test quant
+QEMU_TESTS=(--lib --test aarch64_decoder --test jpeg_decode --test pil_resize --test quant --test f16
             --test detector --test model_errors)
 QEMU_SKIP=(--skip damaged_jpegs_fail_cleanly_in_the_cli --skip instances_from_the_on_board_detector)
 TEST_ARGS=(--release --locked --target "$TARGET" --features board)

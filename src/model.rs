@@ -30,6 +30,8 @@ pub const MODELS_ENV: &str = "SAMRT_MODELS";
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// Precision of an encoder exported as is.
 pub const FP32: &str = "fp32";
+/// The fp32 encoder converted to f16 at load (CPUs with fp16 arithmetic: Cortex-A76/A78).
+pub const F16: &str = "f16";
 
 /// One file of a manifest.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -188,6 +190,27 @@ impl ModelFiles {
         if precision == self.precision {
             return Ok(self);
         }
+        if precision == F16 {
+            // Converted from the fp32 encoder when the plan is built.
+            let base = self.with_precision(FP32)?;
+            return Ok(ModelFiles {
+                precision: F16.to_string(),
+                ..base
+            });
+        }
+        if precision == FP32 {
+            if let Some(manifest) = &self.manifest {
+                let dir = self
+                    .encoder
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default();
+                self.encoder = dir.join(&manifest.encoder.file);
+                self.encoder_sha256 = manifest.encoder.sha256.clone();
+                self.precision = FP32.to_string();
+                return Ok(self);
+            }
+        }
         let dir = self
             .encoder
             .parent()
@@ -206,7 +229,7 @@ impl ModelFiles {
             .ok_or_else(|| Error::Model {
                 path: dir.clone(),
                 reason: format!(
-                    "model {} has no {precision} encoder (available: {}); make one with models/tools/export_sam.py --quantize {precision}",
+                    "model {} has no {precision} encoder (available: {}, and {F16} converted from fp32 at load); make one with models/tools/export_sam.py --quantize {precision}",
                     self.name,
                     available.join(", ")
                 ),

@@ -14,7 +14,8 @@
 use image::RgbImage;
 
 use crate::engine::{
-    DecodedTokens, DecoderInput, EmbeddingTensor, ImageEncoder, MaskDecoder, ENCODER_INPUT_SIZE,
+    DecodedTokens, DecoderInput, EmbeddingTensor, EncoderOptions, ImageEncoder, MaskDecoder,
+    ENCODER_INPUT_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::model::{read_model_file, ModelFiles};
@@ -86,7 +87,11 @@ impl SamPredictor {
     /// Loads and optimizes both models, checking checksums where `files` carries them.
     pub fn load(files: &ModelFiles) -> Result<Self> {
         let encoder_bytes = read_model_file(&files.encoder, files.encoder_sha256.as_deref())?;
-        let encoder = ImageEncoder::from_onnx_bytes(&files.encoder, &encoder_bytes)?;
+        let options = EncoderOptions {
+            f16: files.precision == crate::model::F16,
+            ..EncoderOptions::default()
+        };
+        let encoder = ImageEncoder::from_onnx_bytes_with(&files.encoder, &encoder_bytes, options)?;
         drop(encoder_bytes);
         let decoder_bytes = read_model_file(&files.decoder, files.decoder_sha256.as_deref())?;
         let decoder = MaskDecoder::from_onnx_bytes(&files.decoder, &decoder_bytes)?;

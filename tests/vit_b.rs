@@ -198,11 +198,29 @@ fn manifests_drive_loading_and_bad_ones_are_explained() {
     assert_eq!(files.name, "vit_b_reduced");
     assert!(files.encoder_sha256.is_some() && files.decoder_sha256.is_some());
     assert!(files.verify().iter().all(|(_, r)| r.is_ok()));
-    let err = files.clone().with_precision("f16").unwrap_err().to_string();
+    let err = files
+        .clone()
+        .with_precision("int4")
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("no f16 encoder") && err.contains("int8-dynamic"),
+        err.contains("no int4 encoder")
+            && err.contains("int8-dynamic")
+            && err.contains("int8-static"),
         "{err}"
     );
+    // f16 is the fp32 encoder, converted when the plan is built.
+    let half = files.clone().with_precision("f16").unwrap();
+    assert_eq!(
+        (half.encoder.clone(), half.precision.as_str()),
+        (files.encoder.clone(), "f16")
+    );
+    let back = files
+        .clone()
+        .with_precision("int8-static")
+        .and_then(|f| f.with_precision("f16"))
+        .unwrap();
+    assert_eq!(back.encoder, files.encoder);
 
     let dir = std::env::temp_dir().join(format!("samrt-manifest-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -233,6 +251,7 @@ fn attention_runs_fused_in_blocks() {
         &bytes,
         EncoderOptions {
             fused_attention: true,
+            ..EncoderOptions::default()
         },
     )
     .unwrap();
@@ -241,6 +260,7 @@ fn attention_runs_fused_in_blocks() {
         &bytes,
         EncoderOptions {
             fused_attention: false,
+            ..EncoderOptions::default()
         },
     )
     .unwrap();

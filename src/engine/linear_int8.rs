@@ -20,8 +20,9 @@
 //! weights' zero point is 0 (onnxruntime's symmetric int8 weights) and k is a multiple of 4, and
 //! only where the VNNI kernel runs; [`fuse_qdq`] does the same for static `QuantizeLinear` →
 //! `DequantizeLinear` → `MatMul` graphs with per-channel weights (samrt's own int8,
-//! `models/tools/export_sam.py --quantize int8-static`). The plain-arithmetic path computes the
-//! same on any CPU, for the tests.
+//! `models/tools/export_sam.py --quantize int8-static`); where VNNI is missing (the boards), it
+//! rewrites those into tract's `MatMulInteger`, which tract runs on its int8 kernels. The
+//! plain-arithmetic path of the operator computes the same on any CPU, for the tests.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -218,12 +219,14 @@ fn scalar_initializer(
 
 /// Replaces the static QDQ linear layer, `DequantizeLinear(x_q, x_scale, x_zp)` (one scale, u8)
 /// and `DequantizeLinear(W_q, w_scale, 0)` (int8 `[k, n]`, one scale or one per column) →
-/// `MatMul` → `Add(·, b)` (and the `SamrtGelu` the `Add` feeds alone), by one `SamrtLinearInt8`
-/// node on the same `x_q` and the scales' product (a `Mul` of constants, folded at load); the
-/// `QuantizeLinear` that makes `x_q` (one constant scale, u8) becomes samrt's threaded
-/// [`super::quantize::STATIC_OP`]. Returns how many linear layers. Run after
-/// [`super::depthwise::fuse`], only when [`available`].
-pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
+/// `MatMul` → `Add(·, b)` (and the `SamrtGelu` the `Add` feeds alone), with `vnni` by one
+/// `SamrtLinearInt8` node on the same `x_q` and the scales' product (a `Mul` of constants, folded
+/// at load), without it by `MatMulInteger(x_q, W_q, x_zp)` → `Cast` → `Mul(·, x_scale · w_scale)`
+/// before the `Add`: tract's int8 matrix product (its dot-product kernels on Cortex-A76/A78)
+/// instead of the float one it would run on dequantized values. The `QuantizeLinear` that makes
+/// `x_q` (one constant scale, u8) becomes samrt's threaded [`super::quantize::STATIC_OP`].
+/// Returns how many linear layers. Run after [`super::depthwise::fuse`].
+pub fn fuse_qdq(graph: &mut pb::GraphProto, vnni: bool) -> usize {
     use pb::tensor_proto::DataType;
     let index = GraphIndex::new(graph);
     let mut removed: HashSet<usize> = HashSet::new();
@@ -278,14 +281,20 @@ pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
             output: vec![scale.clone()],
             ..Default::default()
         };
-        let inputs = [
-            x.input[0].as_str(),
-            w.input[0].as_str(),
-            x.input[2].as_str(),
-            scale.as_str(),
-            bias,
-        ];
-        let (at, node) = linear_node(&index, &mm.name, inputs, add_ix, &mut removed);
+        let (at, chain) = if vnni {
+            let inputs = [
+                x.input[0].as_str(),
+                w.input[0].as_str(),
+                x.input[2].as_str(),
+                scale.as_str(),
+                bias,
+            ];
+            let (at, node) = linear_node(&index, &mm.name, inputs, add_ix, &mut removed);
+            (at, vec![product, node])
+        } else {
+            let chain = integer_chain(mm, product, &x.input[0], &w.input[0], &x.input[2]);
+            (mm_ix, chain)
+        };
         removed.insert(mm_ix);
         // The activation's quantization as samrt's operator (tract's runs on one thread).
         if let Some(q_ix) = index.producer_of(&x.input[0], "QuantizeLinear") {
@@ -306,11 +315,48 @@ pub fn fuse_qdq(graph: &mut pb::GraphProto) -> usize {
                 removed.insert(dq);
             }
         }
-        fused.insert(at, vec![product, node]);
+        fused.insert(at, chain);
     }
-    let count = fused.values().filter(|n| n.len() == 2).count();
+    let count = fused.values().filter(|n| n.len() > 1).count();
     super::layer_norm::splice_many(graph, fused, &removed);
     count
+}
+
+/// `MatMulInteger(x_q, W_q, x_zp)` → `Cast(float)` → `Mul(·, scale)` into `mm`'s output, after
+/// the node `product` that makes the scale.
+fn integer_chain(
+    mm: &NodeProto,
+    product: NodeProto,
+    xq: &str,
+    wq: &str,
+    xzp: &str,
+) -> Vec<NodeProto> {
+    let value = |suffix: &str| format!("{}.samrt_{suffix}", mm.name);
+    let node = |op: &str, inputs: Vec<String>, output: String| NodeProto {
+        name: output.clone(),
+        op_type: op.into(),
+        input: inputs,
+        output: vec![output],
+        ..Default::default()
+    };
+    let mut cast = node("Cast", vec![value("int32")], value("float"));
+    cast.attribute.push(AttributeProto {
+        name: "to".into(),
+        r#type: AttributeType::Int as i32,
+        i: pb::tensor_proto::DataType::Float as i64,
+        ..Default::default()
+    });
+    let scale = product.output[0].clone();
+    vec![
+        product,
+        node(
+            "MatMulInteger",
+            vec![xq.into(), wq.into(), xzp.into()],
+            value("int32"),
+        ),
+        cast,
+        node("Mul", vec![value("float"), scale], mm.output[0].clone()),
+    ]
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -939,7 +985,8 @@ mod tests {
         let graph = proto.graph.as_mut().unwrap();
         super::super::depthwise::fuse(graph);
         assert_eq!(fuse(graph), 0);
-        assert_eq!(fuse_qdq(graph), 8);
+        let mut portable = graph.clone();
+        assert_eq!(fuse_qdq(graph, true), 8);
         // Only the attention's activation-by-activation products stay MatMuls.
         let matmuls = graph.node.iter().filter(|n| n.op_type == "MatMul").count();
         assert_eq!(matmuls, 4);
@@ -958,6 +1005,14 @@ mod tests {
                 dq.name
             );
         }
+        // Without VNNI: tract's integer products.
+        assert_eq!(fuse_qdq(&mut portable, false), 8);
+        let integer = portable
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMulInteger")
+            .count();
+        assert_eq!(integer, 8);
     }
 
     /// A static QDQ linear layer with per-column weight scales: samrt's operator against
@@ -1010,13 +1065,19 @@ mod tests {
         };
         let x = Tensor::from_shape(&[rows, k], &values(rows * k, 1, 3.0)).unwrap();
         let (want, _) = run(&proto, &x, 1);
-        let mut fused = proto.clone();
-        assert_eq!(fuse_qdq(fused.graph.as_mut().unwrap()), 1);
-        let (got, ops) = run(&fused, &x, 2);
-        assert!(ops.iter().any(|o| o == OP_TYPE), "{ops:?}");
         let top = want.iter().fold(0f32, |m, v| m.max(v.abs()));
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-5 * top, "{g} vs {w}");
+        let mut variants = vec![false];
+        if available() {
+            variants.push(true);
+        }
+        for vnni in variants {
+            let mut fused = proto.clone();
+            assert_eq!(fuse_qdq(fused.graph.as_mut().unwrap(), vnni), 1);
+            let (got, ops) = run(&fused, &x, 2);
+            assert_eq!(ops.iter().any(|o| o == OP_TYPE), vnni, "{ops:?}");
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * top, "vnni {vnni}: {g} vs {w}");
+            }
         }
     }
 

@@ -13,6 +13,7 @@ mod attention;
 mod conv1x1;
 mod depthwise;
 mod fast_ops;
+mod half;
 mod layer_norm;
 mod linear;
 mod linear_int8;
@@ -22,6 +23,7 @@ mod vector_math;
 mod window_attention;
 
 pub use attention::peak_scratch_values as attention_peak_scratch_values;
+pub use half::{f16_arithmetic, ANY_CPU_ENV as F16_ANY_CPU_ENV};
 
 use std::path::Path;
 use std::sync::Arc;
@@ -112,7 +114,8 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 /// depthwise 3x3 convolutions samrt's ([`depthwise::fuse`]; `SAMRT_DEPTHWISE_GELU=0`), those
 /// between transposes of tokens channels-last ([`depthwise::fuse_channels_last`];
 /// `SAMRT_CHANNELS_LAST=0`). With
-/// `fuse_attention` (the image encoders) also: channel-axis layer norms; attention subgraphs
+/// `fuse_attention` (the image encoders) also: static int8 linear layers as tract's integer
+/// products ([`linear_int8::fuse_qdq`]); channel-axis layer norms; attention subgraphs
 /// ([`attention::fuse`]), windowed ones on the token grid without their partition
 /// ([`window_attention::fuse`]; `SAMRT_WINDOW_ATTENTION=0`); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
 /// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`), int8 linear
@@ -164,12 +167,13 @@ fn parse_onnx_fused(
                 conv1x1::fuse(graph);
             }
         }
-        if fuse_attention
-            && linear_int8::available()
-            && std::env::var("SAMRT_LINEAR_INT8").map_or(true, |v| v != "0")
-        {
-            linear_int8::fuse(graph);
-            linear_int8::fuse_qdq(graph);
+        if fuse_attention {
+            let vnni = linear_int8::available()
+                && std::env::var("SAMRT_LINEAR_INT8").map_or(true, |v| v != "0");
+            if vnni {
+                linear_int8::fuse(graph);
+            }
+            linear_int8::fuse_qdq(graph, vnni);
         }
         if fuse_attention {
             fused = attention::fuse(graph);
@@ -262,6 +266,8 @@ fn shape_of(fact: &TypedFact) -> Vec<String> {
 pub struct ImageEncoder {
     plan: Plan,
     fused_attention: usize,
+    /// The plan computes in f16 ([`EncoderOptions::f16`]).
+    f16: bool,
 }
 
 /// How the image encoder's plan is built.
@@ -270,12 +276,15 @@ pub struct EncoderOptions {
     /// Attention blocks as samrt's fused operator (`engine::attention`) instead of tract's
     /// operators. On by default; `SAMRT_FUSED_ATTENTION=0` turns it off (for measuring).
     pub fused_attention: bool,
+    /// The plan converted to f16 at load ([`half`]; CPUs with fp16 arithmetic only).
+    pub f16: bool,
 }
 
 impl Default for EncoderOptions {
     fn default() -> Self {
         EncoderOptions {
             fused_attention: std::env::var("SAMRT_FUSED_ATTENTION").map_or(true, |v| v != "0"),
+            f16: false,
         }
     }
 }
@@ -292,11 +301,14 @@ impl ImageEncoder {
         bytes: &[u8],
         options: EncoderOptions,
     ) -> Result<Self> {
+        if options.f16 {
+            half::check_cpu().map_err(|reason| model_error(path, reason))?;
+        }
         let (model, fused) = parse_onnx_fused(path, bytes, options.fused_attention)?;
         if fused == 0 {
-            return Self::from_model(path, model, 0);
+            return Self::from_model(path, model, 0, options.f16);
         }
-        match Self::from_model(path, model, fused) {
+        match Self::from_model(path, model, fused, options.f16) {
             Ok(encoder) => Ok(encoder),
             Err(e) => {
                 // A subgraph that looked like attention but whose shapes do not fit samrt's
@@ -305,7 +317,7 @@ impl ImageEncoder {
                     "{}: attention not fused ({e}); using tract's operators",
                     path.display()
                 );
-                Self::from_model(path, parse_onnx(path, bytes)?, 0)
+                Self::from_model(path, parse_onnx(path, bytes)?, 0, options.f16)
             }
         }
     }
@@ -315,7 +327,12 @@ impl ImageEncoder {
         self.fused_attention
     }
 
-    fn from_model(path: &Path, model: InferenceModel, fused_attention: usize) -> Result<Self> {
+    fn from_model(
+        path: &Path,
+        model: InferenceModel,
+        fused_attention: usize,
+        f16: bool,
+    ) -> Result<Self> {
         let inputs = model
             .input_outlets()
             .map_err(|e| model_error(path, e.to_string()))?
@@ -376,6 +393,12 @@ impl ImageEncoder {
         if std::env::var("SAMRT_KEEP_FREED_MEMORY").map_or(true, |v| v != "0") {
             keep_freed_memory();
         }
+        let typed = if f16 {
+            half::translate(typed)
+                .map_err(|e| model_error(path, format!("cannot be converted to f16: {e:#}")))?
+        } else {
+            typed
+        };
         let plan = KnobScope::new(ENCODER_KNOBS)
             .and_then(|knobs| knobs.enter(|| typed.into_optimized()))
             .and_then(|m| m.into_runnable())
@@ -383,28 +406,51 @@ impl ImageEncoder {
         Ok(ImageEncoder {
             plan,
             fused_attention,
+            f16,
         })
+    }
+
+    /// Whether the plan computes in f16.
+    pub fn is_f16(&self) -> bool {
+        self.f16
+    }
+
+    /// The plan's input: the image as an f32 tensor, or f16 for an f16 plan.
+    fn input(&self, image_chw: &[f32]) -> Result<TValue> {
+        let shape = [1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE];
+        let input = Tensor::from_shape(&shape, image_chw)
+            .map_err(|e| Error::Inference(format!("encoder input: {e:#}")))?;
+        let input = if self.f16 {
+            input
+                .cast_to::<f16>()
+                .map_err(|e| Error::Inference(format!("encoder input to f16: {e:#}")))?
+                .into_owned()
+        } else {
+            input
+        };
+        Ok(input.into_tvalue())
     }
 
     /// Runs the encoder on a normalized, padded CHW image of 3x1024x1024 values.
     pub fn embed(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
-        let shape = [1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE];
-        let input = Tensor::from_shape(&shape, image_chw)
-            .map_err(|e| Error::Inference(format!("encoder input: {e:#}")))?;
         let outputs = self
             .plan
-            .run(tvec!(input.into_tvalue()))
+            .run(tvec!(self.input(image_chw)?))
             .map_err(|e| Error::Inference(format!("image encoder: {e:#}")))?;
-        to_f32_vec(&outputs[0])
-            .map_err(|e| Error::Inference(format!("image encoder output: {e:#}")))
+        let output = &outputs[0];
+        let result = if output.datum_type() == f32::datum_type() {
+            to_f32_vec(output)
+        } else {
+            output
+                .cast_to::<f32>()
+                .and_then(|t| Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()))
+        };
+        result.map_err(|e| Error::Inference(format!("image encoder output: {e:#}")))
     }
 
     /// Runs the encoder once like [`Self::embed`], timing each operator of its plan.
     pub fn profile(&self, image_chw: &[f32]) -> Result<Vec<OpTiming>> {
-        let shape = [1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE];
-        let input = Tensor::from_shape(&shape, image_chw)
-            .map_err(|e| Error::Inference(format!("encoder input: {e:#}")))?;
-        profile_plan(&self.plan, tvec!(input.into_tvalue()))
+        profile_plan(&self.plan, tvec!(self.input(image_chw)?))
     }
 }
 
