@@ -34,7 +34,9 @@ use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::onnx_graph::GraphIndex;
-use super::vector_math::{gelu, Baseline, Fused, MulAdd};
+#[cfg(target_arch = "x86_64")]
+use super::vector_math::Fused;
+use super::vector_math::{gelu, Baseline, MulAdd};
 
 /// The ONNX operator type of a fused int8 linear layer (samrt's domain).
 pub const OP_TYPE: &str = "SamrtLinearInt8";
