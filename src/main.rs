@@ -318,7 +318,7 @@ struct ModelArgs {
     /// Mask decoder ONNX file exported by SamOnnxModel (with --encoder).
     #[arg(long, value_name = "FILE.onnx", requires = "encoder")]
     decoder: Option<PathBuf>,
-    /// Encoder precision from the model's manifest (fp32, int8-dynamic, ...).
+    /// Encoder precision: one of the model manifest's (fp32, int8-static, int8-dynamic, ...), or f16 (converted from fp32 at load; CPUs with fp16 arithmetic).
     #[arg(long, default_value = samrt::model::FP32)]
     precision: String,
 }

@@ -89,12 +89,88 @@ def calibrate(src: Path, activations: list[str], images: list[Path], mean, std, 
     return ranges
 
 
+def softmax_input_ranks(m) -> dict:
+    """The rank of each Softmax input, from one onnxruntime run on a blank image (ONNX shape
+    inference cannot follow the encoders' computed reshapes)."""
+    import copy
+
+    import onnx
+    import onnxruntime as ort
+
+    names = sorted({n.input[0] for n in m.graph.node if n.op_type == "Softmax"})
+    if not names:
+        return {}
+    probe = copy.deepcopy(m)
+    for name in names:
+        probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    blank = np.zeros((1, 3, 1024, 1024), np.float32)
+    values = session.run(names, {m.graph.input[0].name: blank})
+    return {name: v.ndim for name, v in zip(names, values)}
+
+
+def upgrade_to_opset_13(src: Path, dst: Path) -> Path:
+    """Per-channel DequantizeLinear needs opset 13. An older encoder (the default model's is opset
+    12) is converted with onnx's version converter, then each Softmax over the last axis gets back
+    its plain form: the converter wraps every opset-12 Softmax in Flatten -> Softmax -> Reshape,
+    which is the same computation when the axis is the last one, and hides the attention from
+    samrt's fusion. Returns the path to quantize from (``src`` when it is already opset >= 13)."""
+    import onnx
+    from onnx import version_converter
+
+    m = onnx.load(str(src))
+    opset = next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), 13)
+    if opset >= 13:
+        return src
+    rank = softmax_input_ranks(m)
+    m = version_converter.convert_version(m, 13)
+    producer = {o: n for n in m.graph.node for o in n.output}
+    consumers = {}
+    for n in m.graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    drop = set()
+    for n in m.graph.node:
+        if n.op_type != "Softmax":
+            continue
+        flatten = producer.get(n.input[0])
+        users = consumers.get(n.output[0], [])
+        if flatten is None or flatten.op_type != "Flatten" or len(users) != 1 or users[0].op_type != "Reshape":
+            continue
+        axis = next((a.i for a in flatten.attribute if a.name == "axis"), 1)
+        if rank.get(flatten.input[0]) != axis + 1 or len(consumers.get(flatten.output[0], [])) != 1:
+            continue
+        reshape = users[0]
+        n.input[0] = flatten.input[0]
+        n.output[0] = reshape.output[0]
+        del n.attribute[:]
+        n.attribute.append(onnx.helper.make_attribute("axis", -1))
+        drop.update([id(flatten), id(reshape)])
+    kept = [n for n in m.graph.node if id(n) not in drop]
+    # And what fed only the dropped reshapes (the converter's Shape of each Softmax input).
+    outputs = {o.name for o in m.graph.output}
+    while True:
+        used = {i for n in kept for i in n.input} | outputs
+        live = [n for n in kept if any(o in used for o in n.output)]
+        if len(live) == len(kept):
+            break
+        kept = live
+    del m.graph.node[:]
+    m.graph.node.extend(kept)
+    del m.graph.value_info[:]
+    onnx.checker.check_model(m)
+    onnx.save(m, str(dst))
+    return dst
+
+
 def quantize_static_encoder(src: Path, dst: Path, images: list[Path], mean, std, input_name: str):
     import onnx
     import tempfile
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 
+    work = tempfile.TemporaryDirectory()
+    src = upgrade_to_opset_13(src, Path(work.name) / "encoder.opset13.onnx")
     nodes = linear_matmuls(src)
     if not nodes:
         raise SystemExit(f"{src}: no MatMul with a weight initializer to quantize")
@@ -123,6 +199,7 @@ def quantize_static_encoder(src: Path, dst: Path, images: list[Path], mean, std,
                        "OpTypesToExcludeOutputQuantization": ["MatMul"]},
     )
     os.unlink(cache.name)
+    work.cleanup()
     return nodes
 
 

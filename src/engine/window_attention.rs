@@ -130,7 +130,7 @@ impl<'a> GraphIndex<'a> {
         let split_ix = self.producer_of(&attention.input[0], "Split")?;
         let split = &self.nodes[split_ix];
         if split.output[..] != attention.input[..3]
-            || split.input.len() != 1
+            || !(1..=2).contains(&split.input.len())
             || !attention.input[..3].iter().all(|o| self.single_use(o))
             || self.nodes[split_ix]
                 .attribute
@@ -141,7 +141,11 @@ impl<'a> GraphIndex<'a> {
         {
             return None;
         }
-        let parts = self.ints_attr(split_ix, "split")?;
+        // The sizes: an attribute up to opset 12, an input from opset 13.
+        let parts = match split.input.get(1) {
+            Some(sizes) => self.ints(sizes)?,
+            None => self.ints_attr(split_ix, "split")?,
+        };
         if parts.len() != 3 || parts[0] != parts[1] {
             return None;
         }
