@@ -229,35 +229,10 @@ impl EvalOp for StaticQuantize {
             let mut out = output.try_as_plain_ram_mut()?;
             let out = out.as_slice_mut::<u8>()?;
             blockwise(x, out, |x, out| {
-                quantize_clamped(x, self.scale, self.zero_point, out)
+                quantize(x, self.scale, self.zero_point, out)
             })?;
         }
         Ok(tvec!(output.into_tvalue()))
-    }
-}
-
-/// [`quantize`] for values that may lie outside the range the scale was made for: clamped to
-/// ±2²² steps first, so that the rounding constant stays exact (the result saturates anyway).
-fn quantize_clamped(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
-    if scale.is_nan() || scale <= 0.0 {
-        out.fill(zero_point);
-        return;
-    }
-    quantize_clamped_values(x, scale, zero_point, out)
-}
-
-super::vector_math::dispatch_isa!(
-    fn quantize_clamped_values(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) => quantize_clamped_body
-);
-
-#[inline(always)]
-fn quantize_clamped_body<F: MulAdd>(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
-    let zp = zero_point as f32;
-    for (y, &v) in out.iter_mut().zip(x) {
-        let steps = (v / scale).clamp(-4_194_304.0, 4_194_304.0);
-        let q = (steps + ROUNDING) - ROUNDING + zp;
-        let q = q.clamp(0.0, 255.0);
-        *y = ((q + ROUNDING).to_bits() & 0xff) as u8;
     }
 }
 
@@ -352,7 +327,8 @@ fn scale_and_zero_point((min, max): (f32, f32)) -> (f32, u8) {
     (scale, zero_point as u8)
 }
 
-/// `out = saturate(round_half_even(x / scale) + zero_point)`.
+/// `out = saturate(round_half_even(x / scale) + zero_point)`, for the dynamic operator (values
+/// inside the range its scale was made for) and the static one (values anywhere).
 fn quantize(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
     if scale.is_nan() || scale <= 0.0 {
         // An all-zero range: tract's NaN quotients round and saturate to the zero point.
@@ -370,8 +346,10 @@ super::vector_math::dispatch_isa!(
 fn quantize_body<F: MulAdd>(x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
     let zp = zero_point as f32;
     for (y, &v) in out.iter_mut().zip(x) {
-        // |v / scale| ≤ 255 (v is inside the range), so the rounding constant is exact.
-        let q = (v / scale + ROUNDING) - ROUNDING + zp;
+        // Clamped to ±2²² steps, where the rounding constant is exact (the result saturates
+        // anyway); a no-op inside the range (|v / scale| ≤ 255).
+        let steps = (v / scale).clamp(-4_194_304.0, 4_194_304.0);
+        let q = (steps + ROUNDING) - ROUNDING + zp;
         let q = q.clamp(0.0, 255.0);
         *y = ((q + ROUNDING).to_bits() & 0xff) as u8;
     }
