@@ -28,6 +28,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
+use super::onnx_graph::GraphIndex;
 use super::vector_math::{gelu, isa, Baseline, Fused, Isa, MulAdd};
 
 /// The ONNX operator type of a fused linear layer (samrt's domain).
@@ -59,80 +60,98 @@ pub fn available() -> bool {
 /// `SamrtLinear` node; returns how many. Run after [`super::depthwise::fuse`] (which makes the
 /// GELUs) and only when [`available`].
 pub fn fuse(graph: &mut pb::GraphProto) -> usize {
-    let nodes = &graph.node;
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        for input in &node.input {
-            consumers.entry(input).or_default().push(i);
-        }
-    }
-    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
-    let initializers: HashMap<&str, &pb::TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
-    let single = |name: &str, op: &str| -> Option<usize> {
-        if graph_outputs.contains(name) {
-            return None;
-        }
-        match consumers.get(name).map(|c| c.as_slice()) {
-            Some([only]) if nodes[*only].op_type == op => Some(*only),
-            _ => None,
-        }
-    };
-    let float = |name: &str, rank: usize| {
-        initializers.get(name).filter(|t| {
-            t.dims.len() == rank && t.data_type == pb::tensor_proto::DataType::Float as i32
-        })
-    };
+    let index = GraphIndex::new(graph);
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused: HashMap<usize, NodeProto> = HashMap::new();
-    for (mm_ix, mm) in nodes.iter().enumerate() {
+    for (mm_ix, mm) in index.nodes.iter().enumerate() {
         if mm.op_type != "MatMul" || mm.input.len() != 2 {
             continue;
         }
-        let Some(weight) = float(&mm.input[1], 2) else {
+        let Some(weight) = index.initializers.get(mm.input[1].as_str()).filter(|t| {
+            t.dims.len() == 2 && t.data_type == pb::tensor_proto::DataType::Float as i32
+        }) else {
             continue;
         };
-        let Some(add_ix) = single(&mm.output[0], "Add") else {
+        let Some((add_ix, bias)) = bias_add(&index, &mm.output[0], weight.dims[1]) else {
             continue;
         };
-        let add = &nodes[add_ix];
-        let bias = match add.input.as_slice() {
-            [a, b] if *a == mm.output[0] => b,
-            [a, b] if *b == mm.output[0] => a,
-            _ => continue,
-        };
-        if float(bias, 1).is_none_or(|b| b.dims[0] != weight.dims[1]) {
-            continue;
-        }
-        let gelu = single(&add.output[0], super::depthwise::GELU_OP)
-            .filter(|&g| nodes[g].domain == DOMAIN);
-        let output = gelu.map_or(&add.output[0], |g| &nodes[g].output[0]);
-        let last = gelu.unwrap_or(add_ix);
+        let (gelu, output) = gelu_after(&index, add_ix);
         let node = NodeProto {
             name: format!("{}.samrt_linear", mm.name),
             op_type: OP_TYPE.into(),
             domain: DOMAIN.into(),
-            input: vec![mm.input[0].clone(), mm.input[1].clone(), bias.clone()],
-            output: vec![output.clone()],
-            attribute: vec![AttributeProto {
-                name: "gelu".into(),
-                r#type: AttributeType::Int as i32,
-                i: gelu.is_some() as i64,
-                ..Default::default()
-            }],
+            input: vec![mm.input[0].clone(), mm.input[1].clone(), bias.to_string()],
+            output: vec![output.to_string()],
+            attribute: vec![gelu_attribute(gelu.is_some())],
             ..Default::default()
         };
         removed.extend([mm_ix, add_ix]);
         removed.extend(gelu);
         // In place of the chain's last node, where its inputs exist.
-        fused.insert(last, node);
+        fused.insert(gelu.unwrap_or(add_ix), node);
     }
     let count = fused.len();
     super::layer_norm::splice(graph, fused, &removed);
     count
+}
+
+/// The bias of `Add(·, b)` fed by `value` alone: `(add node, bias name)` for a 1-d float
+/// initializer of `n` values (either operand order).
+pub(super) fn bias_add<'a>(
+    index: &GraphIndex<'a>,
+    value: &str,
+    n: i64,
+) -> Option<(usize, &'a str)> {
+    let add_ix = index.single_consumer(value, "Add")?;
+    let bias = match index.nodes[add_ix].input.as_slice() {
+        [a, b] if a == value => b,
+        [a, b] if b == value => a,
+        _ => return None,
+    };
+    let t = index.initializers.get(bias.as_str())?;
+    (t.data_type == pb::tensor_proto::DataType::Float as i32 && t.dims == [n])
+        .then_some((add_ix, bias.as_str()))
+}
+
+/// The `SamrtGelu` that the `Add` at `add_ix` feeds alone, if any, and the value the layer then
+/// ends with (the GELU's output, or the `Add`'s).
+pub(super) fn gelu_after<'a>(index: &GraphIndex<'a>, add_ix: usize) -> (Option<usize>, &'a str) {
+    let add_out = index.nodes[add_ix].output[0].as_str();
+    let gelu = index
+        .single_consumer(add_out, super::depthwise::GELU_OP)
+        .filter(|&g| index.nodes[g].domain == DOMAIN);
+    (
+        gelu,
+        gelu.map_or(add_out, |g| index.nodes[g].output[0].as_str()),
+    )
+}
+
+/// The `gelu` attribute of samrt's linear nodes.
+pub(super) fn gelu_attribute(gelu: bool) -> AttributeProto {
+    AttributeProto {
+        name: "gelu".into(),
+        r#type: AttributeType::Int as i32,
+        i: gelu as i64,
+        ..Default::default()
+    }
+}
+
+/// The inference rule of a linear layer's output shape: `x`'s, with the last axis `W`'s second.
+pub(super) fn output_shape_rule<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    x: &'p TensorProxy,
+    w: &'p TensorProxy,
+    output: &'p TensorProxy,
+) -> InferenceResult {
+    s.equals(&x.rank, &output.rank)?;
+    s.given_2(&x.shape, &w.shape, move |s, x, w| {
+        let mut shape = x.clone();
+        if let (Some(last), Some(n)) = (shape.last_mut(), w.get(1)) {
+            *last = n.clone();
+        }
+        s.equals(&output.shape, ShapeFactoid::from(shape))?;
+        Ok(())
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -166,16 +185,7 @@ impl Expansion for LinearExpansion {
         check_input_arity(inputs, 3)?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        s.given_2(&inputs[0].shape, &inputs[1].shape, move |s, x, w| {
-            let mut shape = x.clone();
-            if let (Some(last), Some(n)) = (shape.last_mut(), w.get(1)) {
-                *last = n.clone();
-            }
-            s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
-            Ok(())
-        })?;
-        Ok(())
+        output_shape_rule(s, &inputs[0], &inputs[1], &outputs[0])
     }
 
     fn wire(

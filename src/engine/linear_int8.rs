@@ -33,6 +33,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
+use super::linear::{bias_add, gelu_after, gelu_attribute, output_shape_rule};
 use super::onnx_graph::GraphIndex;
 #[cfg(target_arch = "x86_64")]
 use super::vector_math::Fused;
@@ -101,20 +102,6 @@ fn int8_weights<'a>(index: &GraphIndex<'a>, name: &str) -> Option<&'a pb::Tensor
     })
 }
 
-/// The bias of `Add(·, b)` fed by `value` alone: `(add node, bias name)` for a 1-d float
-/// initializer of `n` values.
-fn bias_add<'a>(index: &GraphIndex<'a>, value: &str, n: i64) -> Option<(usize, &'a str)> {
-    let add_ix = index.single_consumer(value, "Add")?;
-    let bias = match index.nodes[add_ix].input.as_slice() {
-        [a, b] if a == value => b,
-        [a, b] if b == value => a,
-        _ => return None,
-    };
-    let t = index.initializers.get(bias.as_str())?;
-    (t.data_type == pb::tensor_proto::DataType::Float as i32 && t.dims == [n])
-        .then_some((add_ix, bias.as_str()))
-}
-
 /// The node `SamrtLinearInt8(x_q, W_q, x_zp, scale, b)` in place of a chain ending at `add_ix`,
 /// which takes in the GELU that the `Add` feeds alone.
 fn linear_node(
@@ -124,11 +111,7 @@ fn linear_node(
     add_ix: usize,
     removed: &mut HashSet<usize>,
 ) -> (usize, NodeProto) {
-    let add_out = &index.nodes[add_ix].output[0];
-    let gelu = index
-        .single_consumer(add_out, super::depthwise::GELU_OP)
-        .filter(|&g| index.nodes[g].domain == DOMAIN);
-    let output = gelu.map_or(add_out, |g| &index.nodes[g].output[0]);
+    let (gelu, output) = gelu_after(index, add_ix);
     removed.insert(add_ix);
     removed.extend(gelu);
     let node = NodeProto {
@@ -136,13 +119,8 @@ fn linear_node(
         op_type: OP_TYPE.into(),
         domain: DOMAIN.into(),
         input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.clone()],
-        attribute: vec![AttributeProto {
-            name: "gelu".into(),
-            r#type: AttributeType::Int as i32,
-            i: gelu.is_some() as i64,
-            ..Default::default()
-        }],
+        output: vec![output.to_string()],
+        attribute: vec![gelu_attribute(gelu.is_some())],
         ..Default::default()
     };
     // In place of the chain's last node, where its inputs exist.
@@ -233,6 +211,7 @@ pub fn fuse_qdq(graph: &mut pb::GraphProto, vnni: bool) -> usize {
     let index = GraphIndex::new(graph);
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused: HashMap<usize, Vec<NodeProto>> = HashMap::new();
+    let mut layers = 0;
     for (mm_ix, mm) in index.nodes.iter().enumerate() {
         if mm.op_type != "MatMul" || mm.input.len() != 2 {
             continue;
@@ -318,10 +297,10 @@ pub fn fuse_qdq(graph: &mut pb::GraphProto, vnni: bool) -> usize {
             }
         }
         fused.insert(at, chain);
+        layers += 1;
     }
-    let count = fused.values().filter(|n| n.len() > 1).count();
     super::layer_norm::splice_many(graph, fused, &removed);
-    count
+    layers
 }
 
 /// `MatMulInteger(x_q, W_q, x_zp)` → `Cast(float)` → `Mul(·, scale)` into `mm`'s output, after
@@ -392,16 +371,7 @@ impl Expansion for LinearInt8Expansion {
         check_input_arity(inputs, 5)?;
         check_output_arity(outputs, 1)?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
-        s.equals(&inputs[0].rank, &outputs[0].rank)?;
-        s.given_2(&inputs[0].shape, &inputs[1].shape, move |s, x, w| {
-            let mut shape = x.clone();
-            if let (Some(last), Some(n)) = (shape.last_mut(), w.get(1)) {
-                *last = n.clone();
-            }
-            s.equals(&outputs[0].shape, ShapeFactoid::from(shape))?;
-            Ok(())
-        })?;
-        Ok(())
+        output_shape_rule(s, &inputs[0], &inputs[1], &outputs[0])
     }
 
     fn wire(
