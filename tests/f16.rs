@@ -66,14 +66,7 @@ fn f16_encoder_stays_close_to_fp32() {
     let fp32 = predictor();
     let photo = samrt::image_io::load_rgb(&data_dir().join("images/camera.png")).unwrap();
     let (a, b) = (fp32.embed(&photo).unwrap(), f16.embed(&photo).unwrap());
-    let diff: f64 = a
-        .data()
-        .iter()
-        .zip(b.data())
-        .map(|(x, y)| f64::from(x - y).powi(2))
-        .sum();
-    let norm: f64 = a.data().iter().map(|x| f64::from(*x).powi(2)).sum();
-    let error = (diff / norm).sqrt();
+    let error = relative_error(b.data(), a.data());
     println!("f16 embedding: relative error {error:.2e} against fp32");
     assert!(error <= EMBEDDING_RELATIVE_ERROR, "relative error {error}");
     for prompt in [
@@ -111,14 +104,7 @@ fn f16_reduced_vit_b_stays_close_to_pytorch_fp32() {
         0,
         embedding.data().len(),
     );
-    let diff: f64 = embedding
-        .data()
-        .iter()
-        .zip(&reference)
-        .map(|(x, y)| f64::from(x - y).powi(2))
-        .sum();
-    let norm: f64 = reference.iter().map(|y| f64::from(*y).powi(2)).sum();
-    let error = (diff / norm).sqrt();
+    let error = relative_error(embedding.data(), &reference);
     println!("reduced ViT-B f16 embedding: relative error {error:.2e} against PyTorch fp32");
     assert!(
         error <= VIT_B_EMBEDDING_RELATIVE_ERROR,
@@ -128,10 +114,7 @@ fn f16_reduced_vit_b_stays_close_to_pytorch_fp32() {
         let prediction = f16
             .predict(&embedding, &prompt_from_json(p), MaskOutput::Multimask)
             .unwrap();
-        let rles: Vec<serde_json::Value> = match &p["masks_rle"] {
-            serde_json::Value::String(s) => serde_json::from_str(&s.replace('\'', "\"")).unwrap(),
-            v => v.as_array().unwrap().clone(),
-        };
+        let rles = golden_mask_rles(p);
         for m in &prediction.masks {
             let iou = mask_iou(&m.mask, &rle_mask(&rles[m.token - 1]));
             println!("{} token {}: mask IoU {iou:.4}", p["name"], m.token);

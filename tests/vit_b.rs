@@ -27,12 +27,6 @@ fn fp32() -> &'static SamPredictor {
     P.get_or_init(|| SamPredictor::load(&ModelFiles::from_dir(&model_dir()).unwrap()).unwrap())
 }
 
-fn relative_error(a: &[f32], b: &[f32]) -> f64 {
-    let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
-    let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
-    (diff / norm).sqrt()
-}
-
 fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let dot: f64 = a
         .iter()
@@ -110,10 +104,7 @@ fn reduced_vit_b_matches_meta_pytorch() {
                 .predict(&embedding, &prompt, MaskOutput::Multimask)
                 .unwrap();
             let low_res = load_f32_ref(&p["low_res"]);
-            let rles: Vec<Value> = match &p["masks_rle"] {
-                Value::String(s) => serde_json::from_str(&s.replace('\'', "\"")).unwrap(),
-                v => v.as_array().unwrap().clone(),
-            };
+            let rles = golden_mask_rles(p);
             for m in &prediction.masks {
                 let t = m.token - 1;
                 let logits_diff =

@@ -55,6 +55,21 @@ pub fn load_f32_ref(v: &Value) -> Vec<f32> {
     )
 }
 
+/// ‖a − b‖ / ‖b‖.
+pub fn relative_error(a: &[f32], b: &[f32]) -> f64 {
+    let diff: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let norm: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (diff / norm).sqrt()
+}
+
+/// A golden prompt's `masks_rle`: a JSON array, or (older goldens) a Python-repr string of one.
+pub fn golden_mask_rles(prompt: &Value) -> Vec<Value> {
+    match &prompt["masks_rle"] {
+        Value::String(s) => serde_json::from_str(&s.replace('\'', "\"")).expect("masks_rle"),
+        v => v.as_array().expect("masks_rle").clone(),
+    }
+}
+
 /// A COCO RLE JSON object decoded to a mask.
 pub fn rle_mask(v: &Value) -> Mask {
     let rle: CocoRle = serde_json::from_value(v.clone()).expect("RLE object");
