@@ -392,6 +392,17 @@ def check_decoder(dec, path: Path) -> dict:
     return results
 
 
+def compare_to_fp32(fp32_path: Path, quantized_path: Path, inputs: dict) -> dict:
+    """Cosine and errors of a quantized encoder's embedding against the fp32 encoder's, per input."""
+    fp, q = ort_session(fp32_path), ort_session(quantized_path)
+    results = {}
+    for k, x in inputs.items():
+        a = fp.run(["image_embeddings"], {"image": x})[0]
+        b = q.run(["image_embeddings"], {"image": x})[0]
+        results[k] = {"cosine_vs_fp32": cosine(a, b), **errors(a, b)}
+    return results
+
+
 def quantize_encoder(src: Path, dst: Path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -471,24 +482,18 @@ def main(argv=None):
         report["encoder_ops"] = op_types(enc_path)
         report["decoder_ops"] = op_types(dec_path)
         variants = []
+        check_inputs = {}
+        if check_image and args.quantize:
+            check_inputs[os.path.basename(check_image)] = preprocess_image(sam, check_image)[0].numpy()
         if "int8-dynamic" in args.quantize:
             q_path = tmp / "encoder.int8.onnx"
             t = time.time()
             quantize_encoder(enc_path, q_path)
             report["quantize_s"] = round(time.time() - t, 1)
             report["encoder_int8_ops"] = op_types(q_path)
-            qcheck = {}
-            fp = ort_session(enc_path)
-            q = ort_session(q_path)
             inputs = {"random_input": torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE,
                                                   generator=torch.Generator().manual_seed(1234)).numpy()}
-            if check_image:
-                inputs[os.path.basename(check_image)] = preprocess_image(sam, check_image)[0].numpy()
-            for k, x in inputs.items():
-                a = fp.run(["image_embeddings"], {"image": x})[0]
-                b = q.run(["image_embeddings"], {"image": x})[0]
-                qcheck[k] = {"cosine_vs_fp32": cosine(a, b), **errors(a, b)}
-            report["int8_check"] = qcheck
+            report["int8_check"] = compare_to_fp32(enc_path, q_path, {**inputs, **check_inputs})
             variants.append({"file": "encoder.int8.onnx", "sha256": sha256_file(q_path), "precision": "int8-dynamic"})
         if "int8-static" in args.quantize:
             import quantize_static
@@ -498,15 +503,7 @@ def main(argv=None):
             quantize_static.quantize_static_encoder(enc_path, s_path, quantize_static.default_calibration_images(),
                                                     PIXEL_MEAN, PIXEL_STD, "image")
             report["quantize_static_s"] = round(time.time() - t, 1)
-            fp = ort_session(enc_path)
-            q = ort_session(s_path)
-            scheck = {}
-            if check_image:
-                x = preprocess_image(sam, check_image)[0].numpy()
-                a = fp.run(["image_embeddings"], {"image": x})[0]
-                b = q.run(["image_embeddings"], {"image": x})[0]
-                scheck[os.path.basename(check_image)] = {"cosine_vs_fp32": cosine(a, b), **errors(a, b)}
-            report["int8_static_check"] = scheck
+            report["int8_static_check"] = compare_to_fp32(enc_path, s_path, check_inputs)
             variants.append({"file": quantize_static.FILE, "sha256": sha256_file(s_path),
                              "precision": quantize_static.PRECISION})
 
