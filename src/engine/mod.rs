@@ -410,11 +410,6 @@ impl ImageEncoder {
         })
     }
 
-    /// Whether the plan computes in f16.
-    pub fn is_f16(&self) -> bool {
-        self.f16
-    }
-
     /// The plan's input: the image as an f32 tensor, or f16 for an f16 plan.
     fn input(&self, image_chw: &[f32]) -> Result<TValue> {
         let shape = [1, 3, ENCODER_INPUT_SIZE, ENCODER_INPUT_SIZE];
