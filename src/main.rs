@@ -104,8 +104,8 @@ struct BenchArgs {
     /// Threads (tract's matrix products, and parallel decoding for `everything`).
     #[arg(long, default_value_t = 1)]
     threads: usize,
-    /// After the timed runs, profile one encoder run and print the time of each operator kind
-    /// and of the slowest nodes on stderr (`encoder` only).
+    /// After the timed runs, profile one encoder or decoder run and print the time of each
+    /// operator kind and of the slowest nodes on stderr (`encoder` and `decoder` only).
     #[arg(long)]
     profile: bool,
     #[command(flatten)]
@@ -892,10 +892,15 @@ fn bench(args: &BenchArgs) -> Result<()> {
         ms.push(millis(start));
     }
     if args.profile {
-        if !matches!(args.case, BenchCase::Encoder) {
-            bail!("--profile profiles the encoder: use it with `samrt bench encoder`");
+        match (&args.case, &embedding) {
+            (BenchCase::Encoder, _) => print_profile(&predictor.profile_encoder(&preprocessed)?),
+            (BenchCase::Decoder, Some(embedding)) => {
+                print_profile(&predictor.profile_decoder(embedding, &prompt)?)
+            }
+            _ => bail!(
+                "--profile profiles the encoder or the decoder: use it with `samrt bench encoder` or `samrt bench decoder`"
+            ),
         }
-        print_profile(&predictor.profile_encoder(&preprocessed)?);
     }
     let report = BenchJson {
         case: args.case,

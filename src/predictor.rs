@@ -141,6 +141,23 @@ impl SamPredictor {
         self.encoder.profile(&image.tensor)
     }
 
+    /// Runs the decoder once on `prompt`, timing each operator of its plan (`samrt bench decoder
+    /// --profile`).
+    pub fn profile_decoder(
+        &self,
+        embedding: &Embedding,
+        prompt: &Prompt,
+    ) -> Result<Vec<crate::engine::OpTiming>> {
+        prompt.validate(embedding.original_size)?;
+        let decoder_prompt = prompt.to_decoder(embedding.original_size, embedding.input_size);
+        self.decoder.profile(&DecoderInput {
+            embedding: &embedding.tensor,
+            point_coords: &decoder_prompt.point_coords,
+            point_labels: &decoder_prompt.point_labels,
+            mask_input: prompt.mask_input.as_deref(),
+        })
+    }
+
     /// Preprocesses and encodes an image: the once-per-frame step.
     pub fn embed(&self, image: &RgbImage) -> Result<Embedding> {
         self.encode(&self.preprocess(image)?)

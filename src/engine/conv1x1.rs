@@ -359,10 +359,13 @@ impl Conv1x1 {
     ) {
         #[cfg(target_arch = "x86_64")]
         {
-            // SAFETY: the operator is only built where AVX-512F runs (see `fuse`), and the tests
-            // check before running it; the caller's contract for `out`.
-            if super::linear::available() {
-                return unsafe { self.block_avx512(x, plane, pixels, scratch, out) };
+            use super::vector_math::{isa, Isa};
+            // SAFETY: the kernels run where the CPU has their instructions (probed); the
+            // caller's contract for `out`.
+            match isa() {
+                Isa::Avx512 => return unsafe { self.block_avx512(x, plane, pixels, scratch, out) },
+                Isa::Avx2Fma => return unsafe { self.block_avx2(x, plane, pixels, scratch, out) },
+                Isa::Baseline => {}
             }
         }
         // SAFETY: the caller's contract.
@@ -401,7 +404,36 @@ impl Conv1x1 {
         scratch: &mut [f32],
         out: *mut f32,
     ) {
-        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract; AVX-512F is enabled here.
+        unsafe { self.block_packed::<Avx512Tile>(x, plane, pixels, scratch, out) }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn block_avx2(
+        &self,
+        x: &[f32],
+        plane: usize,
+        pixels: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        out: *mut f32,
+    ) {
+        // SAFETY: the caller's contract; AVX2 and FMA are enabled here.
+        unsafe { self.block_packed::<Avx2Tile>(x, plane, pixels, scratch, out) }
+    }
+
+    /// Packs the block's pixels into panels of [`TILE_PIXELS`] and runs tile kernel `T` over
+    /// them, [`TILE_CHANNELS`] output channels at a time.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn block_packed<T: PixelTile>(
+        &self,
+        x: &[f32],
+        plane: usize,
+        pixels: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        out: *mut f32,
+    ) {
         let c = self.c;
         let len = pixels.len();
         let panels = len.div_ceil(TILE_PIXELS);
@@ -421,27 +453,11 @@ impl Conv1x1 {
             let width = TILE_PIXELS.min(len - q * TILE_PIXELS);
             for t in 0..self.o.div_ceil(TILE_CHANNELS) {
                 let a = self.weights[t * TILE_CHANNELS * c..].as_ptr();
-                // SAFETY: `a` holds TILE_CHANNELS rows of c weights, `b` c rows of
-                // TILE_PIXELS, `tile` TILE_CHANNELS rows of TILE_PIXELS.
-                unsafe {
-                    let zero = _mm512_setzero_ps();
-                    let mut acc = [[zero; 2]; TILE_CHANNELS];
-                    for kk in 0..c {
-                        let b0 = _mm512_loadu_ps(b.add(kk * TILE_PIXELS));
-                        let b1 = _mm512_loadu_ps(b.add(kk * TILE_PIXELS + 16));
-                        for (r, acc) in acc.iter_mut().enumerate() {
-                            let av = _mm512_set1_ps(*a.add(r * c + kk));
-                            acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
-                            acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
-                        }
-                    }
-                    for (r, acc) in acc.iter().enumerate() {
-                        let bias = _mm512_set1_ps(self.bias[t * TILE_CHANNELS + r]);
-                        let dst = tile.as_mut_ptr().add(r * TILE_PIXELS);
-                        _mm512_storeu_ps(dst, _mm512_add_ps(acc[0], bias));
-                        _mm512_storeu_ps(dst.add(16), _mm512_add_ps(acc[1], bias));
-                    }
-                }
+                let bias = self.bias[t * TILE_CHANNELS..].as_ptr();
+                // SAFETY: `a` holds TILE_CHANNELS rows of c weights (padded), `bias`
+                // TILE_CHANNELS values, `b` c rows of TILE_PIXELS, `tile` TILE_CHANNELS rows of
+                // TILE_PIXELS.
+                unsafe { T::tile(a, c, b, bias, tile.as_mut_ptr()) };
                 let rows = TILE_CHANNELS.min(self.o - t * TILE_CHANNELS);
                 for r in 0..rows {
                     let o = t * TILE_CHANNELS + r;
@@ -459,6 +475,84 @@ impl Conv1x1 {
                         )
                     };
                     dst.copy_from_slice(src);
+                }
+            }
+        }
+    }
+}
+
+/// A register tile: `tile[r][0..TILE_PIXELS] = Σ_ch a[r][ch] · b[ch][0..TILE_PIXELS] + bias[r]`
+/// for [`TILE_CHANNELS`] rows, accumulated in channel order (the same bits in every kernel).
+#[cfg(target_arch = "x86_64")]
+trait PixelTile {
+    /// # Safety
+    /// `a` holds TILE_CHANNELS rows of `c` values, `b` `c` rows of TILE_PIXELS, `bias`
+    /// TILE_CHANNELS values, `tile` TILE_CHANNELS x TILE_PIXELS writable values; the CPU has the
+    /// kernel's instructions.
+    unsafe fn tile(a: *const f32, c: usize, b: *const f32, bias: *const f32, tile: *mut f32);
+}
+
+/// Two 512-bit accumulators per channel.
+#[cfg(target_arch = "x86_64")]
+struct Avx512Tile;
+
+#[cfg(target_arch = "x86_64")]
+impl PixelTile for Avx512Tile {
+    #[inline(always)]
+    unsafe fn tile(a: *const f32, c: usize, b: *const f32, bias: *const f32, tile: *mut f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe {
+            let zero = _mm512_setzero_ps();
+            let mut acc = [[zero; 2]; TILE_CHANNELS];
+            for kk in 0..c {
+                let b0 = _mm512_loadu_ps(b.add(kk * TILE_PIXELS));
+                let b1 = _mm512_loadu_ps(b.add(kk * TILE_PIXELS + 16));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_ps(*a.add(r * c + kk));
+                    acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
+                    acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                let bias = _mm512_set1_ps(*bias.add(r));
+                let dst = tile.add(r * TILE_PIXELS);
+                _mm512_storeu_ps(dst, _mm512_add_ps(acc[0], bias));
+                _mm512_storeu_ps(dst.add(16), _mm512_add_ps(acc[1], bias));
+            }
+        }
+    }
+}
+
+/// The 32 pixels as two halves of 16, each two 256-bit accumulators per channel (twelve of the
+/// sixteen registers).
+#[cfg(target_arch = "x86_64")]
+struct Avx2Tile;
+
+#[cfg(target_arch = "x86_64")]
+impl PixelTile for Avx2Tile {
+    #[inline(always)]
+    unsafe fn tile(a: *const f32, c: usize, b: *const f32, bias: *const f32, tile: *mut f32) {
+        use std::arch::x86_64::*;
+        // SAFETY: the caller's contract.
+        unsafe {
+            for half in [0, 16] {
+                let zero = _mm256_setzero_ps();
+                let mut acc = [[zero; 2]; TILE_CHANNELS];
+                for kk in 0..c {
+                    let b0 = _mm256_loadu_ps(b.add(kk * TILE_PIXELS + half));
+                    let b1 = _mm256_loadu_ps(b.add(kk * TILE_PIXELS + half + 8));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let av = _mm256_set1_ps(*a.add(r * c + kk));
+                        acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
+                        acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
+                    }
+                }
+                for (r, acc) in acc.iter().enumerate() {
+                    let bias = _mm256_set1_ps(*bias.add(r));
+                    let dst = tile.add(r * TILE_PIXELS + half);
+                    _mm256_storeu_ps(dst, _mm256_add_ps(acc[0], bias));
+                    _mm256_storeu_ps(dst.add(8), _mm256_add_ps(acc[1], bias));
                 }
             }
         }

@@ -20,12 +20,22 @@ use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeP
 /// [`super::fast_ops::ChannelLayerNorm`].
 pub const CHANNEL_NORM_OP: &str = "SamrtChannelNorm";
 
+/// Which layer norms over NCHW's channel axis [`recompose`] rewrites.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelNorms {
+    None,
+    All,
+    /// Those of a `ConvTranspose`'s output (the decoder's upscaling, which
+    /// [`super::upscale`] then takes whole).
+    AfterConvTranspose,
+}
+
 /// Replaces every spelled-out layer normalization of `graph` over the last axis by one
 /// `LayerNormalization` node, and every one over NCHW's channel axis (SAM's `LayerNorm2d`, weight
 /// and bias `[C, 1, 1]`) by one `SamrtChannelNorm` node; returns how many. Every intermediate
 /// value must be used by the chain alone (the centred input by its `Pow` and `Div`); the weight
 /// and bias must be initializers and ε and the exponent 2 constants.
-pub fn recompose(graph: &mut pb::GraphProto, channel_axis: bool) -> usize {
+pub fn recompose(graph: &mut pb::GraphProto, channel_axis: ChannelNorms) -> usize {
     let nodes = &graph.node;
     let mut producer: HashMap<&str, usize> = HashMap::new();
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
@@ -112,10 +122,24 @@ pub fn recompose(graph: &mut pb::GraphProto, channel_axis: bool) -> usize {
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused: HashMap<usize, NodeProto> = HashMap::new();
     'chains: for (mean_ix, mean) in nodes.iter().enumerate() {
-        let Some(axis) = mean_axis(mean).filter(|&a| a == -1 || channel_axis) else {
+        let Some(axis) = mean_axis(mean) else {
             continue;
         };
         let x = &mean.input[0];
+        let after_conv_transpose = || {
+            producer
+                .get(x.as_str())
+                .is_some_and(|&p| nodes[p].op_type == "ConvTranspose")
+        };
+        let wanted = match channel_axis {
+            _ if axis == -1 => true,
+            ChannelNorms::None => false,
+            ChannelNorms::All => true,
+            ChannelNorms::AfterConvTranspose => after_conv_transpose(),
+        };
+        if !wanted {
+            continue;
+        }
         let Some(sub_ix) = single(&mean.output[0], "Sub") else {
             continue;
         };
@@ -401,7 +425,10 @@ mod tests {
         let original = spelled_out(-1, false);
         let want = run(&original, &x);
         let mut proto = original.clone();
-        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 1);
+        assert_eq!(
+            recompose(proto.graph.as_mut().unwrap(), ChannelNorms::All),
+            1
+        );
         let graph = proto.graph.as_ref().unwrap();
         assert_eq!(graph.node.len(), 1);
         assert_eq!(graph.node[0].op_type, "LayerNormalization");
@@ -414,11 +441,20 @@ mod tests {
     #[test]
     fn other_axes_and_shared_values_are_left_alone() {
         let mut proto = spelled_out(1, false);
-        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 0);
+        assert_eq!(
+            recompose(proto.graph.as_mut().unwrap(), ChannelNorms::All),
+            0
+        );
         let mut proto = spelled_out_with(2, false, &[8, 1, 1]);
-        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 0);
+        assert_eq!(
+            recompose(proto.graph.as_mut().unwrap(), ChannelNorms::All),
+            0
+        );
         let mut proto = spelled_out(-1, true);
-        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 0);
+        assert_eq!(
+            recompose(proto.graph.as_mut().unwrap(), ChannelNorms::All),
+            0
+        );
         assert_eq!(proto.graph.unwrap().node.len(), 9);
     }
 
@@ -432,7 +468,10 @@ mod tests {
         let original = spelled_out_with(1, false, &[8, 1, 1]);
         let want = run(&original, &x);
         let mut proto = original.clone();
-        assert_eq!(recompose(proto.graph.as_mut().unwrap(), true), 1);
+        assert_eq!(
+            recompose(proto.graph.as_mut().unwrap(), ChannelNorms::All),
+            1
+        );
         let graph = proto.graph.as_ref().unwrap();
         assert_eq!(graph.node.len(), 1);
         assert_eq!(graph.node[0].op_type, CHANNEL_NORM_OP);

@@ -19,6 +19,7 @@ mod linear;
 mod linear_int8;
 mod onnx_graph;
 mod quantize;
+mod upscale;
 mod vector_math;
 mod window_attention;
 
@@ -106,7 +107,65 @@ fn model_error(path: &Path, reason: impl Into<String>) -> Error {
 }
 
 fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
-    Ok(parse_onnx_fused(path, bytes, false)?.0)
+    Ok(parse_onnx_with(path, bytes, Fusions::NONE)?.0)
+}
+
+fn parse_onnx_fused(
+    path: &Path,
+    bytes: &[u8],
+    fuse_attention: bool,
+) -> Result<(InferenceModel, usize)> {
+    let fusions = if fuse_attention {
+        Fusions::ENCODER
+    } else {
+        Fusions::NONE
+    };
+    parse_onnx_with(path, bytes, fusions)
+}
+
+/// Which of samrt's graph rewrites [`parse_onnx_with`] applies beyond the last-axis layer
+/// norms, GELUs and depthwise convolutions that every graph gets.
+#[derive(Debug, Clone, Copy)]
+struct Fusions {
+    /// Attention subgraphs (and windowed ones on the token grid).
+    attention: bool,
+    /// Linear layers and 1x1 convolutions on samrt's kernels, where they run.
+    linear: bool,
+    /// Which layer norms over NCHW's channel axis become one operator.
+    channel_norms: layer_norm::ChannelNorms,
+    /// int8 linear layers (the image encoders).
+    int8: bool,
+    /// The decoder's output upscaling as one operator, where samrt's linear kernel runs.
+    upscale: bool,
+}
+
+impl Fusions {
+    const NONE: Fusions = Fusions {
+        attention: false,
+        linear: false,
+        channel_norms: layer_norm::ChannelNorms::None,
+        int8: false,
+        upscale: false,
+    };
+    const ENCODER: Fusions = Fusions {
+        attention: true,
+        linear: true,
+        channel_norms: layer_norm::ChannelNorms::All,
+        int8: true,
+        upscale: false,
+    };
+    /// (The decoder's other channel norms, in the mask input's downscaling, stay tract's: with
+    /// samrt's, the service's resident memory grew frame after frame in tests/service.rs's soak
+    /// test, not yet understood.)
+    const DECODER: Fusions = Fusions {
+        attention: true,
+        linear: true,
+        channel_norms: layer_norm::ChannelNorms::AfterConvTranspose,
+        int8: false,
+        // Off: first measurement slower than tract's chain (111 vs 86 ms a prompt, 1 thread,
+        // on a loaded machine); `SAMRT_UPSCALE=1` turns it on while it is tuned.
+        upscale: false,
+    };
 }
 
 /// Parses an ONNX file. Spelled-out last-axis layer normalizations become one operator first
@@ -124,11 +183,7 @@ fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
 /// channel norms stay tract's: with samrt's, the service's resident memory grew frame after
 /// frame in tests/service.rs's soak test, not yet understood.) Returns the model and how many
 /// attention blocks were fused.
-fn parse_onnx_fused(
-    path: &Path,
-    bytes: &[u8],
-    fuse_attention: bool,
-) -> Result<(InferenceModel, usize)> {
+fn parse_onnx_with(path: &Path, bytes: &[u8], fusions: Fusions) -> Result<(InferenceModel, usize)> {
     if bytes.is_empty() {
         return Err(model_error(
             path,
@@ -148,9 +203,20 @@ fn parse_onnx_fused(
         .proto_model_for_read(&mut &*bytes)
         .map_err(unreadable)?;
     let mut fused = 0;
+    let upscale = (fusions.upscale
+        || fusions.channel_norms == layer_norm::ChannelNorms::AfterConvTranspose
+            && std::env::var("SAMRT_UPSCALE").is_ok_and(|v| v == "1"))
+        && linear::available()
+        && std::env::var("SAMRT_UPSCALE").map_or(true, |v| v != "0");
     if let Some(graph) = proto.graph.as_mut() {
         if std::env::var("SAMRT_LAYER_NORM").map_or(true, |v| v != "0") {
-            layer_norm::recompose(graph, fuse_attention);
+            let channel_norms = match fusions.channel_norms {
+                layer_norm::ChannelNorms::AfterConvTranspose if !upscale => {
+                    layer_norm::ChannelNorms::None
+                }
+                other => other,
+            };
+            layer_norm::recompose(graph, channel_norms);
         }
         if std::env::var("SAMRT_DEPTHWISE_GELU").map_or(true, |v| v != "0") {
             depthwise::fuse(graph);
@@ -158,7 +224,7 @@ fn parse_onnx_fused(
                 depthwise::fuse_channels_last(graph);
             }
         }
-        if fuse_attention
+        if fusions.linear
             && linear::available()
             && std::env::var("SAMRT_LINEAR").map_or(true, |v| v != "0")
         {
@@ -167,7 +233,10 @@ fn parse_onnx_fused(
                 conv1x1::fuse(graph);
             }
         }
-        if fuse_attention {
+        if upscale {
+            upscale::fuse(graph);
+        }
+        if fusions.int8 {
             let vnni = linear_int8::available()
                 && std::env::var("SAMRT_LINEAR_INT8").map_or(true, |v| v != "0");
             if vnni {
@@ -175,7 +244,7 @@ fn parse_onnx_fused(
             }
             linear_int8::fuse_qdq(graph, vnni);
         }
-        if fuse_attention {
+        if fusions.attention {
             fused = attention::fuse(graph);
             if std::env::var("SAMRT_WINDOW_ATTENTION").map_or(true, |v| v != "0") {
                 window_attention::fuse(graph);
@@ -732,7 +801,22 @@ fn input_to_const(model: &mut TypedModel, index: usize, value: Tensor) -> TractR
 impl MaskDecoder {
     /// Builds the decoder plan from the bytes of an ONNX file exported by Meta's `SamOnnxModel`.
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
-        Self::from_model(path, parse_onnx(path, bytes)?)
+        let fusions = Fusions {
+            attention: std::env::var("SAMRT_FUSED_ATTENTION").map_or(true, |v| v != "0"),
+            ..Fusions::DECODER
+        };
+        let fused = parse_onnx_with(path, bytes, fusions)
+            .and_then(|(model, _)| Self::from_model(path, model));
+        match fused {
+            Ok(decoder) => Ok(decoder),
+            Err(e) => {
+                log::warn!(
+                    "{}: samrt's fused operators do not fit this decoder ({e}); using tract's",
+                    path.display()
+                );
+                Self::from_model(path, parse_onnx(path, bytes)?)
+            }
+        }
     }
 
     fn from_model(path: &Path, mut model: InferenceModel) -> Result<Self> {
@@ -941,7 +1025,44 @@ impl MaskDecoder {
         self.decode_with(&*self.plan_for(shape)?, input)
     }
 
+    /// Runs the decoder once like [`Self::decode`], timing each operator of the prompt's plan
+    /// (the prompt stage where the plan is split; the image stage is cached on the embedding).
+    pub fn profile(&self, input: &DecoderInput<'_>) -> Result<Vec<OpTiming>> {
+        let shape = PromptShape {
+            points: input.point_labels.len(),
+            mask_input: input.mask_input.is_some(),
+        };
+        let plan = self.plan_for(shape)?;
+        let (plan, inputs) = self.plan_inputs(&plan, input)?;
+        profile_plan(plan, inputs)
+    }
+
     fn decode_with(&self, plan: &DecoderPlan, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
+        let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
+        let (plan, inputs) = self.plan_inputs(plan, input)?;
+        let outputs = plan.run(inputs).map_err(err)?;
+        let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
+        let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
+        if low_res_logits.len() != iou_predictions.len() * LOW_RES_MASK_LEN {
+            return Err(Error::Inference(format!(
+                "mask decoder returned {} logits for {} tokens",
+                low_res_logits.len(),
+                iou_predictions.len()
+            )));
+        }
+        Ok(DecodedTokens {
+            low_res_logits,
+            iou_predictions,
+        })
+    }
+
+    /// The plan to run for `input` and its inputs (running the image stage if the embedding has
+    /// not had it yet).
+    fn plan_inputs<'p>(
+        &self,
+        plan: &'p DecoderPlan,
+        input: &DecoderInput<'_>,
+    ) -> Result<(&'p Plan, TVec<TValue>)> {
         let n = input.point_labels.len();
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
         let coords = Tensor::from_shape(&[1, n, 2], input.point_coords).map_err(err)?;
@@ -989,20 +1110,7 @@ impl MaskDecoder {
                 (plan, inputs)
             }
         };
-        let outputs = plan.run(inputs).map_err(err)?;
-        let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
-        let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
-        if low_res_logits.len() != iou_predictions.len() * LOW_RES_MASK_LEN {
-            return Err(Error::Inference(format!(
-                "mask decoder returned {} logits for {} tokens",
-                low_res_logits.len(),
-                iou_predictions.len()
-            )));
-        }
-        Ok(DecodedTokens {
-            low_res_logits,
-            iou_predictions,
-        })
+        Ok((plan, inputs))
     }
 }
 
@@ -1143,7 +1251,7 @@ mod tests {
         // 2 norms (attention, MLP) in each of the 10 transformer blocks, and the neck's two
         // channel-axis norms.
         assert_eq!(
-            layer_norm::recompose(proto.graph.as_mut().unwrap(), true),
+            layer_norm::recompose(proto.graph.as_mut().unwrap(), layer_norm::ChannelNorms::All),
             22
         );
         let graph = proto.graph.as_ref().unwrap();

@@ -359,7 +359,7 @@ mod tests {
     fn tinyvit_window_partitions_are_absorbed() {
         let mut proto = crate::engine::fast_ops::tests::default_encoder_proto();
         let graph = proto.graph.as_mut().unwrap();
-        crate::engine::layer_norm::recompose(graph, true);
+        crate::engine::layer_norm::recompose(graph, crate::engine::layer_norm::ChannelNorms::All);
         assert_eq!(super::super::attention::fuse(graph), 10);
         let splits = graph.node.iter().filter(|n| n.op_type == "Split").count();
         assert_eq!(fuse(graph), 10);
