@@ -135,7 +135,9 @@ struct Fusions {
     channel_norms: layer_norm::ChannelNorms,
     /// int8 linear layers (the image encoders).
     int8: bool,
-    /// The decoder's output upscaling as one operator, where samrt's linear kernel runs.
+    /// The decoder's output upscaling as one operator, where samrt's linear kernel runs and
+    /// `SAMRT_UPSCALE=1` asks for it: opt-in, as its first measurement was slower than tract's
+    /// chain (111 vs 86 ms a prompt, 1 thread, on a loaded machine).
     upscale: bool,
 }
 
@@ -162,9 +164,7 @@ impl Fusions {
         linear: true,
         channel_norms: layer_norm::ChannelNorms::AfterConvTranspose,
         int8: false,
-        // Off: first measurement slower than tract's chain (111 vs 86 ms a prompt, 1 thread,
-        // on a loaded machine); `SAMRT_UPSCALE=1` turns it on while it is tuned.
-        upscale: false,
+        upscale: true,
     };
 }
 
@@ -203,11 +203,9 @@ fn parse_onnx_with(path: &Path, bytes: &[u8], fusions: Fusions) -> Result<(Infer
         .proto_model_for_read(&mut &*bytes)
         .map_err(unreadable)?;
     let mut fused = 0;
-    let upscale = (fusions.upscale
-        || fusions.channel_norms == layer_norm::ChannelNorms::AfterConvTranspose
-            && std::env::var("SAMRT_UPSCALE").is_ok_and(|v| v == "1"))
+    let upscale = fusions.upscale
         && linear::available()
-        && std::env::var("SAMRT_UPSCALE").map_or(true, |v| v != "0");
+        && std::env::var("SAMRT_UPSCALE").is_ok_and(|v| v == "1");
     if let Some(graph) = proto.graph.as_mut() {
         if std::env::var("SAMRT_LAYER_NORM").map_or(true, |v| v != "0") {
             let channel_norms = match fusions.channel_norms {
