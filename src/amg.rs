@@ -10,8 +10,9 @@
 
 use image::RgbImage;
 
+use crate::engine::DecodedTokens;
 use crate::error::{Error, Result};
-use crate::parallel::parallel_map;
+use crate::parallel::parallel_parts;
 use crate::postprocess::{stability_score, upscale_logits, Mask, MASK_THRESHOLD};
 use crate::predictor::{Embedding, SamPredictor};
 use crate::prompt::Prompt;
@@ -377,16 +378,40 @@ pub fn remove_small_regions(mask: &Mask, area_thresh: f64, mode: SmallRegion) ->
     )
 }
 
-/// The masks one grid point yields, after the IoU, stability and crop-edge filters.
-fn masks_for_point(
+/// The masks some grid points yield, decoded together (`SamPredictor::decode_batch`), in point
+/// order.
+fn masks_for_points(
     predictor: &SamPredictor,
     embedding: &Embedding,
-    crop_point: [f64; 2],
+    crop_points: &[[f64; 2]],
     crop_box: [usize; 4],
     image_size: [usize; 2],
     params: &AmgParams,
 ) -> Result<Vec<AmgMask>> {
-    let (_, tokens) = predictor.decode(embedding, &Prompt::point(crop_point[0], crop_point[1]))?;
+    let prompts: Vec<Prompt> = crop_points
+        .iter()
+        .map(|p| Prompt::point(p[0], p[1]))
+        .collect();
+    let decoded = predictor.decode_batch(embedding, &prompts)?;
+    let mut out = Vec::new();
+    for (&point, (_, tokens)) in crop_points.iter().zip(&decoded) {
+        out.extend(masks_for_point(
+            embedding, tokens, point, crop_box, image_size, params,
+        ));
+    }
+    Ok(out)
+}
+
+/// The masks one grid point's decoder tokens yield, after the IoU, stability and crop-edge
+/// filters.
+fn masks_for_point(
+    embedding: &Embedding,
+    tokens: &DecodedTokens,
+    crop_point: [f64; 2],
+    crop_box: [usize; 4],
+    image_size: [usize; 2],
+    params: &AmgParams,
+) -> Vec<AmgMask> {
     let [height, width] = image_size;
     let mut out = Vec::new();
     for token in 1..tokens.tokens() {
@@ -425,7 +450,7 @@ fn masks_for_point(
             crop_box,
         });
     }
-    Ok(out)
+    out
 }
 
 /// `_process_crop`: embeds one crop, decodes its grid and keeps the masks that survive the filters
@@ -456,10 +481,10 @@ fn process_crop(
     let image_size = [image.height() as usize, image.width() as usize];
     let mut masks = Vec::new();
     for batch in points.chunks(params.points_per_batch) {
-        let per_point = parallel_map(batch, threads, |&p| {
-            masks_for_point(predictor, &embedding, p, crop_box, image_size, params)
-        })?;
-        masks.extend(per_point.into_iter().flatten());
+        // One part of the batch per thread, each part's points decoded together.
+        masks.extend(parallel_parts(batch, threads, |part| {
+            masks_for_points(predictor, &embedding, part, crop_box, image_size, params)
+        })?);
     }
     let boxes: Vec<BoxXyxy> = masks.iter().map(|m| m.bbox).collect();
     let scores: Vec<f32> = masks.iter().map(|m| m.predicted_iou).collect();

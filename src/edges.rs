@@ -8,7 +8,7 @@ use image::{GrayImage, RgbImage};
 
 use crate::amg::{build_point_grid, mask_to_box, nms, BoxXyxy};
 use crate::error::Result;
-use crate::parallel::parallel_map;
+use crate::parallel::{parallel_map, parallel_parts};
 use crate::postprocess::{upscale_logits, Mask, MASK_THRESHOLD};
 use crate::predictor::{Embedding, SamPredictor};
 use crate::prompt::Prompt;
@@ -169,6 +169,10 @@ impl Accumulator {
     }
 }
 
+/// Grid points decoded per batch (split over the threads): bounds the decoder outputs held at
+/// once (1 MB of low-resolution logits a point), as Meta's `points_per_batch` does.
+const PROMPTS_PER_BATCH: usize = 64;
+
 fn probability(
     predictor: &SamPredictor,
     embedding: &Embedding,
@@ -199,29 +203,35 @@ pub fn detect_edges(
         .collect();
     let indices: Vec<usize> = (0..points.len()).collect();
     // Pass 1: every multimask output's box, for NMS. Masks are not kept (memory stays flat).
-    let candidates: Vec<Candidate> = parallel_map(&indices, threads, |&i| {
-        let (_, tokens) =
-            predictor.decode(&embedding, &Prompt::point(points[i][0], points[i][1]))?;
-        Ok((1..tokens.tokens())
-            .map(|token| {
-                let logits = upscale_logits(
-                    tokens.logits(token),
-                    embedding.input_size,
-                    embedding.original_size,
-                );
-                let mask = Mask::from_logits(&logits, embedding.original_size, MASK_THRESHOLD);
-                Candidate {
-                    point: i,
-                    token,
-                    bbox: mask_to_box(&mask),
-                    iou: tokens.iou_predictions[token],
+    // Batches of the grid, one part of each per thread, each part's points decoded together.
+    let mut candidates: Vec<Candidate> = Vec::new();
+    for batch in indices.chunks(PROMPTS_PER_BATCH) {
+        candidates.extend(parallel_parts(batch, threads, |part| {
+            let prompts: Vec<Prompt> = part
+                .iter()
+                .map(|&i| Prompt::point(points[i][0], points[i][1]))
+                .collect();
+            let decoded = predictor.decode_batch(&embedding, &prompts)?;
+            let mut candidates = Vec::new();
+            for (&i, (_, tokens)) in part.iter().zip(&decoded) {
+                for token in 1..tokens.tokens() {
+                    let logits = upscale_logits(
+                        tokens.logits(token),
+                        embedding.input_size,
+                        embedding.original_size,
+                    );
+                    let mask = Mask::from_logits(&logits, embedding.original_size, MASK_THRESHOLD);
+                    candidates.push(Candidate {
+                        point: i,
+                        token,
+                        bbox: mask_to_box(&mask),
+                        iou: tokens.iou_predictions[token],
+                    });
                 }
-            })
-            .collect::<Vec<_>>())
-    })?
-    .into_iter()
-    .flatten()
-    .collect();
+            }
+            Ok(candidates)
+        })?);
+    }
     let boxes: Vec<BoxXyxy> = candidates.iter().map(|c| c.bbox).collect();
     let scores: Vec<f32> = candidates.iter().map(|c| c.iou).collect();
     let kept: Vec<&Candidate> = nms(&boxes, &scores, params.nms_thresh)

@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::parallel::parallel_map;
+use crate::parallel::parallel_parts;
 use crate::predictor::{Embedding, MaskOutput, SamPredictor};
 use crate::preprocess::Size;
 use crate::prompt::{BoxPrompt, Prompt};
@@ -141,6 +141,9 @@ impl Instance {
     }
 }
 
+/// Boxes decoded per batch (split over the threads): bounds the full-resolution masks held at once.
+const BOXES_PER_BATCH: usize = 64;
+
 /// Segments every detection against one embedding, on `threads` threads, in input order.
 pub fn segment_detections(
     predictor: &SamPredictor,
@@ -157,20 +160,35 @@ pub fn segment_detections(
         })
         .collect::<Result<Vec<_>>>()?;
     let indices: Vec<usize> = (0..detections.len()).collect();
-    parallel_map(&indices, threads, |&i| {
-        let prompt = Prompt {
-            bbox: Some(clipped[i]),
-            ..Default::default()
-        };
-        let prediction = predictor.predict(embedding, &prompt, MaskOutput::Single)?;
-        let best = &prediction.masks[0];
-        Ok(Instance {
-            detection: detections[i].clone(),
-            rle: CocoRle::encode(&best.mask),
-            predicted_iou: best.iou,
-            area: best.mask.area(),
-        })
-    })
+    // Batches of boxes (bounding the masks held at once), one part of each per thread, each
+    // part's boxes decoded together.
+    let mut instances = Vec::with_capacity(detections.len());
+    for batch in indices.chunks(BOXES_PER_BATCH) {
+        instances.extend(parallel_parts(batch, threads, |part| {
+            let prompts: Vec<Prompt> = part
+                .iter()
+                .map(|&i| Prompt {
+                    bbox: Some(clipped[i]),
+                    ..Default::default()
+                })
+                .collect();
+            let predictions = predictor.predict_batch(embedding, &prompts, MaskOutput::Single)?;
+            Ok(part
+                .iter()
+                .zip(predictions)
+                .map(|(&i, prediction)| {
+                    let best = &prediction.masks[0];
+                    Instance {
+                        detection: detections[i].clone(),
+                        rle: CocoRle::encode(&best.mask),
+                        predicted_iou: best.iou,
+                        area: best.mask.area(),
+                    }
+                })
+                .collect())
+        })?);
+    }
+    Ok(instances)
 }
 
 #[cfg(test)]

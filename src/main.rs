@@ -108,6 +108,10 @@ struct BenchArgs {
     /// operator kind and of the slowest nodes on stderr (`encoder` and `decoder` only).
     #[arg(long)]
     profile: bool,
+    /// `decoder`: decode this many prompts (the point, shifted by a pixel each) together
+    /// (`SamPredictor::decode_batch`); the times are for all of them.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -834,6 +838,12 @@ fn bench(args: &BenchArgs) -> Result<()> {
     if args.iterations == 0 {
         bail!("--iterations must be at least 1");
     }
+    if args.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    if args.batch > 1 && !matches!(args.case, BenchCase::Decoder) {
+        bail!("--batch times batched decoding: use it with `samrt bench decoder`");
+    }
     samrt::engine::set_compute_threads(args.threads);
     let start = Instant::now();
     let predictor = SamPredictor::load(&args.model.files()?)?;
@@ -848,6 +858,15 @@ fn bench(args: &BenchArgs) -> Result<()> {
         points: vec![point],
         ..Default::default()
     };
+    let batch: Vec<Prompt> = (0..args.batch)
+        .map(|i| Prompt {
+            points: vec![samrt::PointPrompt {
+                x: (point.x + i as f64).min(f64::from(photo.width()) - 1.0),
+                ..point
+            }],
+            ..Default::default()
+        })
+        .collect();
     let preprocessed = predictor.preprocess(&photo)?;
     let embedding = match args.case {
         BenchCase::Decoder | BenchCase::Press => Some(predictor.encode(&preprocessed)?),
@@ -860,6 +879,9 @@ fn bench(args: &BenchArgs) -> Result<()> {
     let run_once = || -> Result<()> {
         match args.case {
             BenchCase::Encoder => drop(predictor.encode(&preprocessed)?),
+            BenchCase::Decoder if args.batch > 1 => {
+                drop(predictor.decode_batch(embedding.as_ref().expect("embedded"), &batch)?)
+            }
             BenchCase::Decoder => {
                 drop(predictor.decode(embedding.as_ref().expect("embedded"), &prompt)?)
             }

@@ -36,6 +36,23 @@ pub fn parallel_map<T: Sync, R: Send>(
     })
 }
 
+/// Splits `items` into one contiguous part per thread (up to `threads`), runs `f` on each part
+/// (a part's prompts decoded together) and returns the parts' results concatenated in item order.
+pub fn parallel_parts<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&[T]) -> Result<Vec<R>> + Sync,
+) -> Result<Vec<R>> {
+    if items.is_empty() {
+        return Ok(Vec::new());
+    }
+    let parts: Vec<&[T]> = items.chunks(items.len().div_ceil(threads.max(1))).collect();
+    Ok(parallel_map(&parts, threads, |part| f(part))?
+        .into_iter()
+        .flatten()
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,6 +73,21 @@ mod tests {
         });
         assert!(err.unwrap_err().to_string().contains("fifty"));
         assert!(parallel_map(&Vec::<u32>::new(), 4, |&i| Ok(i))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn parts_keep_order() {
+        let items: Vec<u32> = (0..103).collect();
+        for threads in [1, 2, 7, 500] {
+            let out = parallel_parts(&items, threads, |part| {
+                Ok(part.iter().map(|i| i * 2).collect())
+            })
+            .unwrap();
+            assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        }
+        assert!(parallel_parts(&Vec::<u32>::new(), 4, |_| Ok(vec![1]))
             .unwrap()
             .is_empty());
     }

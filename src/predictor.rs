@@ -124,7 +124,20 @@ impl SamPredictor {
     /// Runs the image encoder on a preprocessed image, then the decoder's per-image stage (see
     /// [`MaskDecoder`]), so every prompt on the embedding costs the same.
     pub fn encode(&self, image: &PreprocessedImage) -> Result<Embedding> {
-        let tensor = EmbeddingTensor::new(&self.encoder.embed(&image.tensor)?)?;
+        self.encode_yielding(image, &|| {})
+    }
+
+    /// Encodes like [`Self::encode`], calling `before_op` before each operator of the encoder
+    /// and before the decoder's per-image stage: the service holds the encoder there while a
+    /// prompt is decoded, so that presses never wait for a whole encode.
+    pub fn encode_yielding(
+        &self,
+        image: &PreprocessedImage,
+        before_op: &dyn Fn(),
+    ) -> Result<Embedding> {
+        let values = self.encoder.embed_yielding(&image.tensor, before_op)?;
+        let tensor = EmbeddingTensor::new(&values)?;
+        before_op();
         self.decoder.prepare(&tensor)?;
         Ok(Embedding {
             tensor,
@@ -178,6 +191,51 @@ impl SamPredictor {
             mask_input: prompt.mask_input.as_deref(),
         })?;
         Ok((decoder_prompt, tokens))
+    }
+
+    /// Validates and decodes a set of prompts on one embedding, as [`Self::decode`] would one
+    /// by one: prompts of one shape share decoder calls (`MaskDecoder::decode_batch`). Results
+    /// are in prompt order; the first invalid prompt is the error.
+    pub fn decode_batch(
+        &self,
+        embedding: &Embedding,
+        prompts: &[Prompt],
+    ) -> Result<Vec<(DecoderPrompt, DecodedTokens)>> {
+        let decoder_prompts: Vec<DecoderPrompt> = prompts
+            .iter()
+            .map(|prompt| {
+                prompt.validate(embedding.original_size)?;
+                Ok(prompt.to_decoder(embedding.original_size, embedding.input_size))
+            })
+            .collect::<Result<_>>()?;
+        let inputs: Vec<DecoderInput<'_>> = prompts
+            .iter()
+            .zip(&decoder_prompts)
+            .map(|(prompt, decoder_prompt)| DecoderInput {
+                embedding: &embedding.tensor,
+                point_coords: &decoder_prompt.point_coords,
+                point_labels: &decoder_prompt.point_labels,
+                mask_input: prompt.mask_input.as_deref(),
+            })
+            .collect();
+        let tokens = self.decoder.decode_batch(&inputs)?;
+        Ok(decoder_prompts.into_iter().zip(tokens).collect())
+    }
+
+    /// Decodes a set of prompts together ([`Self::decode_batch`]) and postprocesses each one's
+    /// masks, as [`Self::predict`] would one by one.
+    pub fn predict_batch(
+        &self,
+        embedding: &Embedding,
+        prompts: &[Prompt],
+        output: MaskOutput,
+    ) -> Result<Vec<Prediction>> {
+        self.decode_batch(embedding, prompts)?
+            .iter()
+            .map(|(decoder_prompt, tokens)| {
+                self.postprocess(embedding, decoder_prompt.num_points(), tokens, output)
+            })
+            .collect()
     }
 
     /// Turns decoder tokens into masks at the original image size.

@@ -581,33 +581,46 @@ impl Expansion for AttentionExpansion {
         let mut wired: TVec<OutletId> = inputs[..direct].iter().copied().collect();
         wired.extend(rest.iter().copied());
         // The shapes must fit the operator's contract, or the graph is not fused (see `fuse`).
+        // With a symbolic dimension (the decoder's plan for any point count) the ranks are
+        // checked here and the sizes by `geometry` at every run.
         let facts: Vec<TypedFact> = wired
             .iter()
             .map(|o| model.outlet_fact(*o).cloned())
-            .collect::<TractResult<_>>()?;
-        let shapes: Vec<Vec<usize>> = facts
-            .iter()
-            .map(|f| {
-                f.shape
-                    .as_concrete()
-                    .map(|s| s.to_vec())
-                    .context("SamrtAttention: shapes must be concrete")
-            })
             .collect::<TractResult<_>>()?;
         ensure!(
             facts.iter().all(|f| f.datum_type == f32::datum_type()),
             "SamrtAttention: f32 only"
         );
-        let shape_refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
-        let geometry = op.geometry(&shape_refs)?;
-        let rank = geometry.batch.len() as i64 + 2;
+        let concrete: Option<Vec<Vec<usize>>> = facts
+            .iter()
+            .map(|f| f.shape.as_concrete().map(|s| s.to_vec()))
+            .collect();
+        let batch_rank = match concrete {
+            Some(shapes) => {
+                let shape_refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+                op.geometry(&shape_refs)?.batch.len()
+            }
+            None => {
+                ensure!(
+                    window.is_none(),
+                    "SamrtAttention: windowed attention needs concrete shapes"
+                );
+                let q_rank = facts[0].rank();
+                ensure!(
+                    q_rank >= 2 && facts[1].rank() == q_rank && facts[2].rank() == q_rank,
+                    "SamrtAttention: q, k and v must have one rank, at least 2"
+                );
+                q_rank - 2
+            }
+        };
+        let rank = batch_rank as i64 + 2;
         let axis_ok = match bias {
             // The softmax ran on the [batch.., queries, keys] reshape.
             BiasKind::Decomposed => self.softmax_axis == -1 || self.softmax_axis == 2,
             _ => self.softmax_axis == -1 || self.softmax_axis == rank - 1,
         };
         ensure!(
-            axis_ok && (bias != BiasKind::Decomposed || geometry.batch.len() == 1),
+            axis_ok && (bias != BiasKind::Decomposed || batch_rank == 1),
             "SamrtAttention: softmax axis {} is not the key axis",
             self.softmax_axis
         );

@@ -495,10 +495,24 @@ impl ImageEncoder {
 
     /// Runs the encoder on a normalized, padded CHW image of 3x1024x1024 values.
     pub fn embed(&self, image_chw: &[f32]) -> Result<Vec<f32>> {
-        let outputs = self
-            .plan
-            .run(tvec!(self.input(image_chw)?))
-            .map_err(|e| Error::Inference(format!("image encoder: {e:#}")))?;
+        self.embed_yielding(image_chw, &|| {})
+    }
+
+    /// Runs the encoder like [`Self::embed`], calling `before_op` before each of its operators:
+    /// a caller whose other work must not wait for a whole encode (a button press) holds the
+    /// encoder there while that work runs.
+    pub fn embed_yielding(&self, image_chw: &[f32], before_op: &dyn Fn()) -> Result<Vec<f32>> {
+        let err = |e: TractError| Error::Inference(format!("image encoder: {e:#}"));
+        let mut state = tract_onnx::tract_core::plan::SimpleState::new(&self.plan).map_err(err)?;
+        let outputs = state
+            .run_plan_with_eval(
+                tvec!(self.input(image_chw)?),
+                |ctx, op_state, node, input| {
+                    before_op();
+                    tract_onnx::tract_core::plan::eval(ctx, op_state, node, input)
+                },
+            )
+            .map_err(err)?;
         let output = &outputs[0];
         let result = if output.datum_type() == f32::datum_type() {
             to_f32_vec(output)
@@ -643,12 +657,34 @@ pub struct DecoderInput<'a> {
 /// How many decoder plans specialized to one prompt shape are kept (see [`MaskDecoder`]).
 pub const MAX_DECODER_PLANS: usize = 8;
 
+/// The most prompts [`MaskDecoder::decode_batch`] runs in one decoder call (a power of two);
+/// larger sets are split. Every image-token tensor of a call is `batch` times 4 MB (4096 tokens
+/// x 256 channels).
+pub const MAX_DECODER_BATCH: usize = 16;
+
+/// Batch sizes `n` prompts are decoded in: [`MAX_DECODER_BATCH`] while that many are left, then
+/// the powers of two of the rest (13 → 8, 4, 1), so that at most five plans serve any count.
+fn batch_sizes(n: usize) -> Vec<usize> {
+    let mut sizes = vec![MAX_DECODER_BATCH; n / MAX_DECODER_BATCH];
+    let rest = n % MAX_DECODER_BATCH;
+    let mut bit = MAX_DECODER_BATCH;
+    while bit > 0 {
+        if rest & bit != 0 {
+            sizes.push(bit);
+        }
+        bit >>= 1;
+    }
+    sizes
+}
+
 /// What a specialized decoder plan is built for: the number of points the decoder takes
-/// (padding point and box corners included) and whether a previous mask is given.
+/// (padding point and box corners included), whether a previous mask is given, and how many
+/// prompts of that shape one call decodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PromptShape {
     pub points: usize,
     pub mask_input: bool,
+    pub batch: usize,
 }
 
 impl PromptShape {
@@ -657,7 +693,16 @@ impl PromptShape {
     pub const ONE_POINT: PromptShape = PromptShape {
         points: 2,
         mask_input: false,
+        batch: 1,
     };
+
+    fn of(input: &DecoderInput<'_>, batch: usize) -> Self {
+        PromptShape {
+            points: input.point_labels.len(),
+            mask_input: input.mask_input.is_some(),
+            batch,
+        }
+    }
 }
 
 /// SAM's prompt encoder + mask decoder.
@@ -866,6 +911,20 @@ impl MaskDecoder {
         Ok(decoder)
     }
 
+    /// The plan for a batch of `shape`, as [`Self::plan_for`], or `None` where the plan cache is
+    /// full and has none (the plan with a symbolic point count takes one prompt a call).
+    fn batch_plan(&self, shape: PromptShape) -> Result<Option<Arc<DecoderPlan>>> {
+        if shape.batch > 1 {
+            let plans = self.plans.lock().map_err(|_| {
+                Error::Inference("mask decoder: a plan cache lock was poisoned".into())
+            })?;
+            if plans.len() >= MAX_DECODER_PLANS && !plans.iter().any(|(s, _)| *s == shape) {
+                return Ok(None);
+            }
+        }
+        self.plan_for(shape).map(Some)
+    }
+
     /// The plan for prompts of `shape`, built and kept at its first use.
     fn plan_for(&self, shape: PromptShape) -> Result<Arc<DecoderPlan>> {
         let lock_err = || Error::Inference("mask decoder: a plan cache lock was poisoned".into());
@@ -933,7 +992,7 @@ impl MaskDecoder {
     /// The graph typed for `shape`, with `has_mask_input` (and without a mask, `mask_input`)
     /// as constants.
     fn specialized_model(&self, shape: PromptShape) -> TractResult<TypedModel> {
-        let n = shape.points;
+        let (n, b) = (shape.points, shape.batch);
         let mut typed = self
             .model
             .clone()
@@ -941,8 +1000,8 @@ impl MaskDecoder {
                 0,
                 f32::fact([1, EMBEDDING_CHANNELS, EMBEDDING_SIZE, EMBEDDING_SIZE]).into(),
             )?
-            .with_input_fact(1, f32::fact([1, n, 2]).into())?
-            .with_input_fact(2, f32::fact([1, n]).into())?
+            .with_input_fact(1, f32::fact([b, n, 2]).into())?
+            .with_input_fact(2, f32::fact([b, n]).into())?
             .with_input_fact(
                 3,
                 f32::fact([1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE]).into(),
@@ -1015,56 +1074,110 @@ impl MaskDecoder {
 
     /// Runs the decoder once and returns every mask token.
     pub fn decode(&self, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
-        let n = input.point_labels.len();
-        let shape = PromptShape {
-            points: n,
-            mask_input: input.mask_input.is_some(),
-        };
-        self.decode_with(&*self.plan_for(shape)?, input)
+        let plan = self.plan_for(PromptShape::of(input, 1))?;
+        Ok(self
+            .decode_with(&plan, std::slice::from_ref(input))?
+            .remove(0))
+    }
+
+    /// Decodes a set of prompts on one embedding, as [`Self::decode`] would one by one: prompts
+    /// with the same number of points and no mask input run together, up to
+    /// [`MAX_DECODER_BATCH`] in one decoder call. Results are in input order.
+    pub fn decode_batch(&self, inputs: &[DecoderInput<'_>]) -> Result<Vec<DecodedTokens>> {
+        let mut results: Vec<Option<DecodedTokens>> = vec![None; inputs.len()];
+        let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
+        for (i, input) in inputs.iter().enumerate() {
+            if !std::ptr::eq(input.embedding, inputs[0].embedding) {
+                return Err(Error::Inference(
+                    "mask decoder: a prompt batch must share one embedding".into(),
+                ));
+            }
+            if input.mask_input.is_some() {
+                results[i] = Some(self.decode(input)?);
+                continue;
+            }
+            let points = input.point_labels.len();
+            match groups.iter_mut().find(|(n, _)| *n == points) {
+                Some((_, members)) => members.push(i),
+                None => groups.push((points, vec![i])),
+            }
+        }
+        for (_, members) in groups {
+            let mut rest = &members[..];
+            for size in batch_sizes(members.len()) {
+                let (chunk, after) = rest.split_at(size);
+                rest = after;
+                let batch: Vec<DecoderInput<'_>> = chunk.iter().map(|&i| inputs[i]).collect();
+                let decoded = match self.batch_plan(PromptShape::of(&batch[0], size))? {
+                    Some(plan) => self.decode_with(&plan, &batch)?,
+                    // The plan cache is full: one by one.
+                    None => batch
+                        .iter()
+                        .map(|i| self.decode(i))
+                        .collect::<Result<_>>()?,
+                };
+                for (&i, tokens) in chunk.iter().zip(decoded) {
+                    results[i] = Some(tokens);
+                }
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
     }
 
     /// Runs the decoder once like [`Self::decode`], timing each operator of the prompt's plan
     /// (the prompt stage where the plan is split; the image stage is cached on the embedding).
     pub fn profile(&self, input: &DecoderInput<'_>) -> Result<Vec<OpTiming>> {
-        let shape = PromptShape {
-            points: input.point_labels.len(),
-            mask_input: input.mask_input.is_some(),
-        };
-        let plan = self.plan_for(shape)?;
-        let (plan, inputs) = self.plan_inputs(&plan, input)?;
+        let plan = self.plan_for(PromptShape::of(input, 1))?;
+        let (plan, inputs) = self.plan_inputs(&plan, std::slice::from_ref(input))?;
         profile_plan(plan, inputs)
     }
 
-    fn decode_with(&self, plan: &DecoderPlan, input: &DecoderInput<'_>) -> Result<DecodedTokens> {
+    /// Runs `plan` on a batch of prompts of its shape; one result per prompt.
+    fn decode_with(
+        &self,
+        plan: &DecoderPlan,
+        batch: &[DecoderInput<'_>],
+    ) -> Result<Vec<DecodedTokens>> {
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
-        let (plan, inputs) = self.plan_inputs(plan, input)?;
+        let (plan, inputs) = self.plan_inputs(plan, batch)?;
         let outputs = plan.run(inputs).map_err(err)?;
         let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
         let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
-        if low_res_logits.len() != iou_predictions.len() * LOW_RES_MASK_LEN {
+        let b = batch.len();
+        if low_res_logits.len() != iou_predictions.len() * LOW_RES_MASK_LEN
+            || !iou_predictions.len().is_multiple_of(b)
+        {
             return Err(Error::Inference(format!(
-                "mask decoder returned {} logits for {} tokens",
+                "mask decoder returned {} logits for {} tokens of {b} prompts",
                 low_res_logits.len(),
                 iou_predictions.len()
             )));
         }
-        Ok(DecodedTokens {
-            low_res_logits,
-            iou_predictions,
-        })
+        let tokens = iou_predictions.len() / b;
+        Ok((0..b)
+            .map(|i| DecodedTokens {
+                low_res_logits: low_res_logits
+                    [i * tokens * LOW_RES_MASK_LEN..(i + 1) * tokens * LOW_RES_MASK_LEN]
+                    .to_vec(),
+                iou_predictions: iou_predictions[i * tokens..(i + 1) * tokens].to_vec(),
+            })
+            .collect())
     }
 
-    /// The plan to run for `input` and its inputs (running the image stage if the embedding has
-    /// not had it yet).
+    /// The plan to run for a batch of prompts of one shape and its inputs (running the image
+    /// stage if the embedding has not had it yet).
     fn plan_inputs<'p>(
         &self,
         plan: &'p DecoderPlan,
-        input: &DecoderInput<'_>,
+        batch: &[DecoderInput<'_>],
     ) -> Result<(&'p Plan, TVec<TValue>)> {
-        let n = input.point_labels.len();
+        let input = &batch[0];
+        let (b, n) = (batch.len(), input.point_labels.len());
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
-        let coords = Tensor::from_shape(&[1, n, 2], input.point_coords).map_err(err)?;
-        let labels = Tensor::from_shape(&[1, n], input.point_labels).map_err(err)?;
+        let point_coords: Vec<f32> = batch.iter().flat_map(|i| i.point_coords).copied().collect();
+        let point_labels: Vec<f32> = batch.iter().flat_map(|i| i.point_labels).copied().collect();
+        let coords = Tensor::from_shape(&[b, n, 2], &point_coords).map_err(err)?;
+        let labels = Tensor::from_shape(&[b, n], &point_labels).map_err(err)?;
         let mask_tensor = |mask: Option<&[f32]>| match mask {
             Some(m) => Tensor::from_shape(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE], m),
             None => Tensor::zero::<f32>(&[1, 1, LOW_RES_MASK_SIZE, LOW_RES_MASK_SIZE]),
@@ -1330,7 +1443,10 @@ mod tests {
             };
             let first = if i % 2 == 0 { &embedding } else { &shared };
             let split = decoder.decode(&input(first)).unwrap();
-            let reference = decoder.decode_with(&whole, &input(first)).unwrap();
+            let reference = decoder
+                .decode_with(&whole, &[input(first)])
+                .unwrap()
+                .remove(0);
             let diff = max_diff(&split.low_res_logits, &reference.low_res_logits);
             assert!(
                 diff < 1e-3,
@@ -1343,6 +1459,78 @@ mod tests {
         let other =
             EmbeddingTensor::new(&values[..].iter().map(|v| -v).collect::<Vec<_>>()).unwrap();
         assert_eq!(other.cached_image_stages(), 0);
+    }
+
+    #[test]
+    fn batch_sizes_are_full_batches_then_powers_of_two() {
+        assert_eq!(batch_sizes(0), Vec::<usize>::new());
+        assert_eq!(batch_sizes(1), vec![1]);
+        assert_eq!(batch_sizes(13), vec![8, 4, 1]);
+        assert_eq!(batch_sizes(16), vec![16]);
+        assert_eq!(batch_sizes(37), vec![16, 16, 4, 1]);
+        for n in 0..100 {
+            assert_eq!(batch_sizes(n).iter().sum::<usize>(), n);
+        }
+    }
+
+    /// A set of prompts decoded together gives each prompt what decoding it alone gives: point
+    /// prompts in batches of 16, 4 and 1, three-point prompts in a batch of 2, a mask prompt
+    /// alone, in input order.
+    #[test]
+    fn batched_prompts_match_one_by_one() {
+        let decoder = default_decoder();
+        let embedding = EmbeddingTensor::new(&embedding_values(7919, 2001)).unwrap();
+        let mask: Vec<f32> = (0..LOW_RES_MASK_LEN)
+            .map(|i| ((i % 97) as f32 - 48.0) / 8.0)
+            .collect();
+        let mut prompts: Vec<(Vec<f32>, Vec<f32>, bool)> = (0..21)
+            .map(|i| {
+                let (x, y) = (40.0 + 45.0 * i as f32, 980.0 - 37.0 * i as f32);
+                (vec![x, y, 0.0, 0.0], vec![1.0, -1.0], false)
+            })
+            .collect();
+        prompts.insert(
+            5,
+            (
+                vec![100.0, 200.0, 300.0, 400.0, 0.0, 0.0],
+                vec![1.0, 0.0, -1.0],
+                false,
+            ),
+        );
+        prompts.insert(9, (vec![500.0, 500.0, 0.0, 0.0], vec![1.0, -1.0], true));
+        prompts.push((
+            vec![700.0, 100.0, 650.0, 150.0, 0.0, 0.0],
+            vec![1.0, 1.0, -1.0],
+            false,
+        ));
+        let inputs: Vec<DecoderInput<'_>> = prompts
+            .iter()
+            .map(|(coords, labels, with_mask)| DecoderInput {
+                embedding: &embedding,
+                point_coords: coords,
+                point_labels: labels,
+                mask_input: with_mask.then_some(&mask[..]),
+            })
+            .collect();
+        let batched = decoder.decode_batch(&inputs).unwrap();
+        assert_eq!(batched.len(), inputs.len());
+        for (i, (input, together)) in inputs.iter().zip(&batched).enumerate() {
+            let alone = decoder.decode(input).unwrap();
+            let diff = max_diff(&together.low_res_logits, &alone.low_res_logits);
+            assert!(diff < 1e-3, "prompt {i}: logits differ by {diff}");
+            let diff = max_diff(&together.iou_predictions, &alone.iou_predictions);
+            assert!(diff < 1e-4, "prompt {i}: IoU differs by {diff}");
+        }
+        let other = EmbeddingTensor::new(&embedding_values(31, 977)).unwrap();
+        let mixed = [
+            inputs[0],
+            DecoderInput {
+                embedding: &other,
+                ..inputs[1]
+            },
+        ];
+        let err = decoder.decode_batch(&mixed).unwrap_err().to_string();
+        assert!(err.contains("share one embedding"), "{err}");
     }
 
     /// Every specialized plan computes what the plan with a symbolic point count and every input
@@ -1380,8 +1568,9 @@ mod tests {
                 };
                 let specialized = decoder.decode(&input).unwrap();
                 let symbolic = decoder
-                    .decode_with(&decoder.any_shape_plan().unwrap(), &input)
-                    .unwrap();
+                    .decode_with(&decoder.any_shape_plan().unwrap(), &[input])
+                    .unwrap()
+                    .remove(0);
                 let diff = max_diff(&specialized.low_res_logits, &symbolic.low_res_logits);
                 assert!(
                     diff < 1e-3,

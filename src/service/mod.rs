@@ -10,6 +10,7 @@ pub mod display;
 pub mod files_sink;
 pub mod mqtt;
 pub mod notify;
+pub mod priority;
 pub mod runtime;
 pub mod sink;
 pub mod source;

@@ -9,6 +9,9 @@
 //! Capture never waits for inference: it overwrites a one-frame slot, and the encoder always
 //! takes the newest frame. Prompts wait in a bounded queue and are decoded against the newest
 //! embedding; events wait in a bounded queue for the sinks. Nothing grows without bound.
+//! Prompts come before the encoder: while one is queued or decoding, the encoder of the next
+//! frame holds before its next operator ([`PromptPriority`]), so a press never waits for an
+//! encode.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender, TrySendError};
@@ -25,6 +28,7 @@ use super::display::DisplaySink;
 use super::files_sink::FilesSink;
 use super::mqtt::MqttSink;
 use super::notify::Notifier;
+use super::priority::PromptPriority;
 use super::sink::{EventMask, MaskEvent, PromptOrigin, Sink};
 use super::source::{open_source, FrameSource, SourceError};
 use super::stats::{bump, Stats};
@@ -84,6 +88,8 @@ pub enum Job {
 #[derive(Debug, Default)]
 pub struct Shared {
     pub stats: Stats,
+    /// Prompts queued or decoding, which the encoder gives way to.
+    pub priority: PromptPriority,
     stop: AtomicBool,
     newest: Mutex<Option<Arc<EncodedFrame>>>,
     newest_changed: Condvar,
@@ -285,7 +291,16 @@ fn encode_loop(
     let mut errors = RateLimitedLog::new(Duration::from_secs(60));
     while let Some(frame) = latest.take(&shared.stop) {
         let start = Instant::now();
-        match predictor.embed(&frame.image) {
+        let give_way = || {
+            if let Some(held) = shared.priority.hold_while_pending(&shared.stop) {
+                stats.record_encoder_hold(held);
+            }
+        };
+        give_way();
+        let embedded = predictor
+            .preprocess(&frame.image)
+            .and_then(|image| predictor.encode_yielding(&image, &give_way));
+        match embedded {
             Ok(embedding) => {
                 stats.record_encode_ms(start.elapsed().as_secs_f64() * 1e3);
                 bump(&stats.encoded);
@@ -364,10 +379,14 @@ impl Decoder<'_> {
         } else {
             MaskOutput::Single
         };
+        let start = Instant::now();
         let prediction = self
             .predictor
             .predict(&encoded.embedding, prompt, output)
             .map_err(|e| e.to_string())?;
+        self.shared
+            .stats
+            .record_decode_ms(start.elapsed().as_secs_f64() * 1e3);
         Ok(prediction
             .masks
             .into_iter()
@@ -443,12 +462,18 @@ impl Decoder<'_> {
                 multimask,
                 received,
                 reply,
-            } => self.answer(origin, Some(prompt), multimask, received, reply),
+            } => {
+                self.answer(origin, Some(prompt), multimask, received, reply);
+                self.shared.priority.end();
+            }
             Job::Everything {
                 origin,
                 received,
                 reply,
-            } => self.answer(origin, None, false, received, reply),
+            } => {
+                self.answer(origin, None, false, received, reply);
+                self.shared.priority.end();
+            }
             Job::Encoded(encoded) => self.per_frame(&encoded),
         }
     }
@@ -483,25 +508,49 @@ impl Decoder<'_> {
             };
             objects.sort_by(|a, b| b.score.total_cmp(&a.score));
             objects.truncate(detector_config.max_boxes);
+            // A box that is not a valid prompt fails alone.
+            let mut valid = Vec::with_capacity(objects.len());
             for object in objects {
                 let prompt = Prompt {
                     bbox: Some(object.bbox),
                     ..Prompt::default()
                 };
-                match self.decode_prompt(encoded, &prompt, false) {
-                    Ok(masks) => {
-                        self.emit(
-                            encoded,
-                            PromptOrigin::Detector {
-                                label: object.label,
-                            },
-                            Some(prompt),
-                            masks,
-                            received,
-                        );
-                    }
-                    Err(e) => self.fail(None, "detector box", e),
+                match prompt.validate(encoded.embedding.original_size) {
+                    Ok(()) => valid.push((object, prompt)),
+                    Err(e) => self.fail(None, "detector box", e.to_string()),
                 }
+            }
+            let (objects, prompts): (Vec<_>, Vec<_>) = valid.into_iter().unzip();
+            // Every box of the frame decoded together.
+            let start = Instant::now();
+            let predictions =
+                match self
+                    .predictor
+                    .predict_batch(&encoded.embedding, &prompts, MaskOutput::Single)
+                {
+                    Ok(predictions) => predictions,
+                    Err(e) => return self.fail(None, "detector boxes", e.to_string()),
+                };
+            if !prompts.is_empty() {
+                let per_box = start.elapsed().as_secs_f64() * 1e3 / prompts.len() as f64;
+                self.shared.stats.record_decode_ms(per_box);
+            }
+            for ((object, prompt), prediction) in objects.into_iter().zip(prompts).zip(predictions)
+            {
+                let masks = prediction
+                    .masks
+                    .into_iter()
+                    .map(|m| EventMask::new(m.mask, m.iou, m.stability))
+                    .collect();
+                self.emit(
+                    encoded,
+                    PromptOrigin::Detector {
+                        label: object.label,
+                    },
+                    Some(prompt),
+                    masks,
+                    received,
+                );
             }
         }
     }
@@ -586,8 +635,18 @@ fn press_name(press: &ButtonPress) -> &'static str {
 }
 
 /// Queues a job, refusing (and reporting) it when the queue is full; false if refused.
+/// Prompts and segment-everything requests hold the encoder until they are answered.
 pub fn submit(jobs: &SyncSender<Job>, job: Job, shared: &Shared, what: &str) -> bool {
-    match jobs.try_send(job) {
+    let prioritized = matches!(job, Job::Prompt { .. } | Job::Everything { .. });
+    if prioritized {
+        // Before the send, so that the decoder's `end` never comes first.
+        shared.priority.begin();
+    }
+    let sent = jobs.try_send(job);
+    if prioritized && sent.is_err() {
+        shared.priority.end();
+    }
+    match sent {
         Ok(()) => true,
         Err(TrySendError::Full(job)) => {
             bump(&shared.stats.prompts_refused);

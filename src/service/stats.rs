@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use heapless::HistoryBuf;
 use serde_json::{json, Value};
@@ -38,8 +38,14 @@ pub struct Stats {
     pub control_errors: AtomicU64,
     /// Events a sink failed to take.
     pub sink_errors: AtomicU64,
+    /// Times the encoder gave way to a prompt, and for how long in all (µs).
+    pub encoder_holds: AtomicU64,
+    encoder_held_us: AtomicU64,
     encode_ms: Mutex<HistoryBuf<f32, LATENCY_WINDOW>>,
+    /// Press → mask: from a prompt's arrival to its event.
     prompt_ms: Mutex<HistoryBuf<f32, LATENCY_WINDOW>>,
+    /// The decoder and postprocessing alone, per prompt: press → mask minus any wait.
+    decode_ms: Mutex<HistoryBuf<f32, LATENCY_WINDOW>>,
 }
 
 impl Default for Stats {
@@ -59,8 +65,11 @@ impl Default for Stats {
             prompts_refused: AtomicU64::new(0),
             control_errors: AtomicU64::new(0),
             sink_errors: AtomicU64::new(0),
+            encoder_holds: AtomicU64::new(0),
+            encoder_held_us: AtomicU64::new(0),
             encode_ms: Mutex::new(HistoryBuf::new()),
             prompt_ms: Mutex::new(HistoryBuf::new()),
+            decode_ms: Mutex::new(HistoryBuf::new()),
         }
     }
 }
@@ -122,6 +131,20 @@ impl Stats {
             .write(ms as f32);
     }
 
+    pub fn record_decode_ms(&self, ms: f64) {
+        self.decode_ms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .write(ms as f32);
+    }
+
+    /// The encoder held `held` before an operator while prompts were pending.
+    pub fn record_encoder_hold(&self, held: Duration) {
+        bump(&self.encoder_holds);
+        self.encoder_held_us
+            .fetch_add(held.as_micros() as u64, Ordering::Relaxed);
+    }
+
     /// Every counter, latency percentiles, frame rates and memory, as one JSON object.
     pub fn snapshot(&self) -> Value {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -153,6 +176,9 @@ impl Stats {
             "encode_ms_p50": percentile(&self.encode_ms, 0.5),
             "prompt_ms_p50": percentile(&self.prompt_ms, 0.5),
             "prompt_ms_p95": percentile(&self.prompt_ms, 0.95),
+            "decode_ms_p50": percentile(&self.decode_ms, 0.5),
+            "encoder_holds": get(&self.encoder_holds),
+            "encoder_held_ms": get(&self.encoder_held_us) / 1000,
             "rss_bytes": resident_bytes(),
             "heap_bytes": heap_bytes(),
         })
@@ -163,10 +189,12 @@ impl Stats {
         let s = self.snapshot();
         format!(
             "frames {} captured, {} encoded ({} fps), {} skipped, {} dropped, {} corrupt; encode {} ms; \
-             {} events, press→mask p50 {} ms p95 {} ms; errors: source {}, prompts {}, sinks {}; rss {} MB",
+             {} events, press→mask p50 {} ms p95 {} ms (decoding {} ms; encoder gave way {} times, {} ms); \
+             errors: source {}, prompts {}, sinks {}; rss {} MB",
             s["frames_captured"], s["frames_encoded"], s["encode_fps"], s["frames_skipped"],
             s["frames_dropped_by_source"], s["frames_corrupt"], s["encode_ms_p50"], s["events"],
-            s["prompt_ms_p50"], s["prompt_ms_p95"], s["source_errors"], s["prompt_errors"],
+            s["prompt_ms_p50"], s["prompt_ms_p95"], s["decode_ms_p50"], s["encoder_holds"],
+            s["encoder_held_ms"], s["source_errors"], s["prompt_errors"],
             s["sink_errors"],
             s["rss_bytes"].as_u64().map_or("?".to_string(), |b| (b >> 20).to_string()),
         )
