@@ -291,7 +291,13 @@ fn encode_loop(
     let mut errors = RateLimitedLog::new(Duration::from_secs(60));
     while let Some(frame) = latest.take(&shared.stop) {
         let start = Instant::now();
+        // Until the first frame is encoded a prompt has nothing to be decoded against: it
+        // waits for this encode instead of holding it.
+        let first = shared.newest(Duration::ZERO).is_none();
         let give_way = || {
+            if first {
+                return;
+            }
             if let Some(held) = shared.priority.hold_while_pending(&shared.stop) {
                 stats.record_encoder_hold(held);
             }
