@@ -135,9 +135,8 @@ struct Fusions {
     channel_norms: layer_norm::ChannelNorms,
     /// int8 linear layers (the image encoders).
     int8: bool,
-    /// The decoder's output upscaling as one operator, where samrt's linear kernel runs and
-    /// `SAMRT_UPSCALE=1` asks for it: opt-in, as its first measurement was slower than tract's
-    /// chain (111 vs 86 ms a prompt, 1 thread, on a loaded machine).
+    /// The decoder's output upscaling (ConvTranspose → LayerNorm2d → GELU → ConvTranspose →
+    /// GELU) as one operator, where samrt's linear kernel runs (`SAMRT_UPSCALE=0`: off).
     upscale: bool,
 }
 
@@ -205,7 +204,7 @@ fn parse_onnx_with(path: &Path, bytes: &[u8], fusions: Fusions) -> Result<(Infer
     let mut fused = 0;
     let upscale = fusions.upscale
         && linear::available()
-        && std::env::var("SAMRT_UPSCALE").is_ok_and(|v| v == "1");
+        && std::env::var("SAMRT_UPSCALE").map_or(true, |v| v != "0");
     if let Some(graph) = proto.graph.as_mut() {
         if std::env::var("SAMRT_LAYER_NORM").map_or(true, |v| v != "0") {
             let channel_norms = match fusions.channel_norms {

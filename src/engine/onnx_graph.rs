@@ -98,3 +98,38 @@ impl<'a> GraphIndex<'a> {
         self.ints_attr(ix, "perm").as_deref() == Some(perm)
     }
 }
+
+/// Removes the nodes whose every output is neither consumed nor a graph output, until none is
+/// left (a rewrite that replaced a value's consumers leaves its shape computations behind).
+pub(super) fn remove_dead_nodes(graph: &mut pb::GraphProto) {
+    loop {
+        let used: HashSet<&str> = graph
+            .node
+            .iter()
+            .flat_map(|n| n.input.iter().map(|i| i.as_str()))
+            .chain(graph.output.iter().map(|o| o.name.as_str()))
+            .collect();
+        let dead: Vec<usize> = graph
+            .node
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| {
+                n.output
+                    .iter()
+                    .all(|o| o.is_empty() || !used.contains(o.as_str()))
+            })
+            .map(|(i, _)| i)
+            .collect();
+        if dead.is_empty() {
+            return;
+        }
+        let dead: HashSet<usize> = dead.into_iter().collect();
+        let old = std::mem::take(&mut graph.node);
+        graph.node = old
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !dead.contains(i))
+            .map(|(_, n)| n)
+            .collect();
+    }
+}

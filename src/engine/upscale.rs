@@ -28,7 +28,7 @@ use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, 
 use tract_onnx::tract_hir::internal::*;
 
 use super::linear::{gemm, panel_width, PackedWeights};
-use super::vector_math::{gelu, Fused};
+use super::vector_math::{gelu, MulAdd};
 
 /// The ONNX operator type of the fused upscaling (samrt's domain).
 pub const OP_TYPE: &str = "SamrtUpscale";
@@ -43,9 +43,13 @@ const DOMAIN: &str = "ai.samrt";
 pub fn fuse(graph: &mut pb::GraphProto) -> usize {
     let nodes = &graph.node;
     let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
+    let mut producer: HashMap<&str, usize> = HashMap::new();
     for (i, node) in nodes.iter().enumerate() {
         for input in &node.input {
             consumers.entry(input).or_default().push(i);
+        }
+        for output in &node.output {
+            producer.insert(output, i);
         }
     }
     let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
@@ -115,7 +119,62 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
         let Some(gelu2_ix) = single(&second.output[0], super::depthwise::GELU_OP) else {
             continue;
         };
-        let chain = [first_ix, norm_ix, gelu1_ix, second_ix, gelu2_ix];
+        let mut chain = vec![first_ix, norm_ix, gelu1_ix, second_ix, gelu2_ix];
+        // The input as SAM's decoder makes it, `src.transpose(1, 2).view(b, c, h, w)`: the
+        // operator reads the tokens `[b, h·w, c]` instead (`layout = "tokens"`).
+        let mut input = first.input[0].clone();
+        let mut tokens = false;
+        if let Some(&reshape_ix) = producer.get(input.as_str()) {
+            let reshape = &nodes[reshape_ix];
+            let transpose = producer
+                .get(reshape.input[0].as_str())
+                .map(|&i| (i, &nodes[i]));
+            if let Some((transpose_ix, transpose)) = transpose {
+                let perm = transpose.attribute.iter().find(|a| a.name == "perm");
+                if reshape.op_type == "Reshape"
+                    && transpose.op_type == "Transpose"
+                    && perm.is_some_and(|a| a.ints == [0, 2, 1])
+                    && single(&reshape.output[0], "ConvTranspose") == Some(first_ix)
+                    && single(&transpose.output[0], "Reshape") == Some(reshape_ix)
+                {
+                    input = transpose.input[0].clone();
+                    tokens = true;
+                    chain.extend([reshape_ix, transpose_ix]);
+                }
+            }
+        }
+        // The output as SAM's decoder uses it, `(hyper_in @ upscaled.view(b, c, h·w)).view(b,
+        // t, h, w)`: the operator multiplies each pixel by the hypernetwork's `[b, t, c]` and
+        // writes the masks (`hyper = 1`); the 32 upscaled planes are never stored.
+        let mut output = nodes[gelu2_ix].output.clone();
+        let mut hyper = None;
+        let upscaled = &nodes[gelu2_ix].output[0];
+        let users: Vec<usize> = consumers
+            .get(upscaled.as_str())
+            .cloned()
+            .unwrap_or_default();
+        let reshapes: Vec<usize> = users
+            .iter()
+            .copied()
+            .filter(|&u| nodes[u].op_type != "Shape")
+            .collect();
+        if let ([reshape8], false) = (
+            reshapes.as_slice(),
+            graph_outputs.contains(upscaled.as_str()),
+        ) {
+            let reshape8 = *reshape8;
+            if nodes[reshape8].op_type == "Reshape" && nodes[reshape8].input[0] == *upscaled {
+                if let Some(matmul) = single(&nodes[reshape8].output[0], "MatMul") {
+                    if nodes[matmul].input[1] == nodes[reshape8].output[0] {
+                        if let Some(reshape9) = single(&nodes[matmul].output[0], "Reshape") {
+                            hyper = Some(nodes[matmul].input[0].clone());
+                            output = nodes[reshape9].output.clone();
+                            chain.extend([reshape8, matmul, reshape9]);
+                        }
+                    }
+                }
+            }
+        }
         if chain.iter().any(|ix| removed.contains(ix)) {
             continue;
         }
@@ -133,28 +192,42 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
                 ..Default::default()
             });
         }
+        attribute.push(AttributeProto {
+            name: "tokens".into(),
+            r#type: AttributeType::Int as i32,
+            i: i64::from(tokens),
+            ..Default::default()
+        });
+        let mut inputs = vec![
+            input,
+            first.input[1].clone(),
+            first.input[2].clone(),
+            norm.input[1].clone(),
+            norm.input[2].clone(),
+            second.input[1].clone(),
+            second.input[2].clone(),
+        ];
+        inputs.extend(hyper);
         let node = NodeProto {
             name: format!("{}.samrt_upscale", first.name),
             op_type: OP_TYPE.into(),
             domain: DOMAIN.into(),
-            input: vec![
-                first.input[0].clone(),
-                first.input[1].clone(),
-                first.input[2].clone(),
-                norm.input[1].clone(),
-                norm.input[2].clone(),
-                second.input[1].clone(),
-                second.input[2].clone(),
-            ],
-            output: nodes[gelu2_ix].output.clone(),
+            input: inputs,
+            output,
             attribute,
             ..Default::default()
         };
+        // In place of the chain's last node, after every input it reads.
+        let last = *chain.iter().max().expect("a chain");
         removed.extend(chain);
-        fused.insert(gelu2_ix, node);
+        fused.insert(last, node);
     }
     let count = fused.len();
     super::layer_norm::splice(graph, fused, &removed);
+    if count > 0 {
+        // The shape computations of the values no longer made.
+        super::onnx_graph::remove_dead_nodes(graph);
+    }
     count
 }
 
@@ -167,12 +240,35 @@ pub fn build(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let epsilon = node.get_attr_opt::<f32>("epsilon")?.unwrap_or(1e-6);
-    Ok((expand(UpscaleExpansion { epsilon }), vec![]))
+    let tokens = node.get_attr_opt::<i64>("tokens")?.unwrap_or(0) != 0;
+    let hyper = node.input.len() == 8;
+    Ok((
+        expand(UpscaleExpansion {
+            epsilon,
+            tokens,
+            hyper,
+        }),
+        vec![],
+    ))
 }
 
 #[derive(Debug, Clone)]
 struct UpscaleExpansion {
     epsilon: f32,
+    /// The input is `[N, H·W, C]` tokens of a square grid instead of `[N, C, H, W]`.
+    tokens: bool,
+    /// An eighth input `[N, T, O]` multiplies each output pixel: the output is `[N, T, 4H, 4W]`.
+    hyper: bool,
+}
+
+/// The side of the square grid of `hw` tokens.
+fn grid_side(hw: usize) -> TractResult<usize> {
+    let side = (hw as f64).sqrt().round() as usize;
+    ensure!(
+        side * side == hw,
+        "SamrtUpscale: {hw} tokens are not a square grid"
+    );
+    Ok(side)
 }
 
 impl Expansion for UpscaleExpansion {
@@ -186,19 +282,32 @@ impl Expansion for UpscaleExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 7)?;
+        check_input_arity(inputs, 7 + usize::from(self.hyper))?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
-        s.equals(&inputs[0].rank, 4)?;
         s.equals(&outputs[0].rank, 4)?;
         s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
-        s.equals(&outputs[0].shape[1], &inputs[5].shape[1])?;
-        s.given(&inputs[0].shape[2], move |s, h| {
-            s.equals(&outputs[0].shape[2], h * 4)
-        })?;
-        s.given(&inputs[0].shape[3], move |s, w| {
-            s.equals(&outputs[0].shape[3], w * 4)
-        })
+        if self.hyper {
+            s.equals(&outputs[0].shape[1], &inputs[7].shape[1])?;
+        } else {
+            s.equals(&outputs[0].shape[1], &inputs[5].shape[1])?;
+        }
+        if self.tokens {
+            s.equals(&inputs[0].rank, 3)?;
+            s.given(&inputs[0].shape[1], move |s, hw| {
+                let side = grid_side(hw.to_usize()?)? as i64;
+                s.equals(&outputs[0].shape[2], (side * 4).to_dim())?;
+                s.equals(&outputs[0].shape[3], (side * 4).to_dim())
+            })
+        } else {
+            s.equals(&inputs[0].rank, 4)?;
+            s.given(&inputs[0].shape[2], move |s, h| {
+                s.equals(&outputs[0].shape[2], h * 4)
+            })?;
+            s.given(&inputs[0].shape[3], move |s, w| {
+                s.equals(&outputs[0].shape[3], w * 4)
+            })
+        }
     }
 
     fn wire(
@@ -208,7 +317,7 @@ impl Expansion for UpscaleExpansion {
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
         let mut constants = vec![];
-        for &input in &inputs[1..] {
+        for &input in &inputs[1..7] {
             let value =
                 model.outlet_fact(input)?.konst.clone().context(
                     "SamrtUpscale: weights, biases and norm parameters must be constants",
@@ -238,17 +347,26 @@ impl Expansion for UpscaleExpansion {
                 values(5)?,
             ],
             self.epsilon,
+            self.tokens,
+            self.hyper,
         );
-        model.wire_node(prefix, op, &inputs[..1])
+        let mut wired = vec![inputs[0]];
+        if self.hyper {
+            wired.push(inputs[7]);
+        }
+        model.wire_node(prefix, op, &wired)
     }
 }
 
 // ---------------------------------------------------------------------------------------------
 // The typed operator.
 
-/// The fused upscaling: `x [N, C, H, W]` → `[N, O, 4H, 4W]`.
+/// The fused upscaling: `x [N, C, H, W]` (or tokens `[N, H·W, C]`) → `[N, O, 4H, 4W]`, or with
+/// the hypernetwork's `[N, T, O]` the masks `[N, T, 4H, 4W]`.
 #[derive(Debug, Clone)]
 pub struct Upscale {
+    tokens: bool,
+    hyper: bool,
     /// Input channels, channels after the first convolution (and the norm), output channels.
     channels: [usize; 3],
     /// The first convolution as `[C, 2·2·M]` (column `(a·2 + b)·M + m` for output pixel
@@ -278,9 +396,17 @@ fn as_matrix(weights: &[f32], bias: &[f32], c: usize, o: usize) -> PackedWeights
 
 impl Upscale {
     /// `values`: first weights and bias, norm weight and bias, second weights and bias.
-    fn new(channels: [usize; 3], values: [&[f32]; 6], epsilon: f32) -> Self {
+    fn new(
+        channels: [usize; 3],
+        values: [&[f32]; 6],
+        epsilon: f32,
+        tokens: bool,
+        hyper: bool,
+    ) -> Self {
         let [c, m, o] = channels;
         Upscale {
+            tokens,
+            hyper,
             channels,
             first: Arc::new(as_matrix(values[0], values[1], c, m)),
             norm: Arc::new((values[2][..m].to_vec(), values[3][..m].to_vec())),
@@ -289,54 +415,129 @@ impl Upscale {
         }
     }
 
-    /// Input row `i` of one image: `x` its `C x H x W` values, `out` its `O x 4H x 4W` planes.
+    /// Input row `i` of one image: `x` its `C x H x W` values (or `H·W x C` tokens), `out` its
+    /// `O x 4H x 4W` planes, or with `hyper` (`T x O`) its `T x 4H x 4W` masks.
     ///
     /// # Safety
-    /// `out` points at the image's `O x 4H x 4W` writable values, rows `4i..4i+4` of which no
-    /// other task writes.
-    unsafe fn row(&self, x: &[f32], (h, w): (usize, usize), i: usize, out: *mut f32) {
+    /// `out` points at the image's writable output planes, rows `4i..4i+4` of which no other
+    /// task writes.
+    unsafe fn row(
+        &self,
+        x: &[f32],
+        (h, w): (usize, usize),
+        i: usize,
+        hyper: Option<&[f32]>,
+        out: *mut f32,
+    ) {
         let [c, m, o] = self.channels;
         let plane = h * w;
-        // Gather: pixels x channels.
-        let mut a = vec![0f32; w * c];
-        for ci in 0..c {
-            let src = &x[ci * plane + i * w..ci * plane + (i + 1) * w];
-            for (j, &v) in src.iter().enumerate() {
-                a[j * c + ci] = v;
+        // Pixels x channels: the tokens as they are, or gathered from the planes.
+        let gathered;
+        let a = if self.tokens {
+            &x[i * w * c..(i + 1) * w * c]
+        } else {
+            let mut a = vec![0f32; w * c];
+            for ci in 0..c {
+                let src = &x[ci * plane + i * w..ci * plane + (i + 1) * w];
+                for (j, &v) in src.iter().enumerate() {
+                    a[j * c + ci] = v;
+                }
             }
-        }
+            gathered = a;
+            &gathered[..]
+        };
         // First convolution: row j holds output pixels (a, b) of m channels each, i.e. `4·w`
         // rows of m channels.
         let mut mid = vec![0f32; w * 4 * m];
-        gemm(&a, w, &self.first, false, &mut mid);
+        gemm(a, w, &self.first, false, &mut mid);
         let (weight, bias) = &*self.norm;
-        for px in mid.chunks_exact_mut(m) {
-            let mean = px.iter().sum::<f32>() / m as f32;
-            let variance = px.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / m as f32;
-            let denominator = (variance + self.epsilon).sqrt();
-            for ((v, &g), &b) in px.iter_mut().zip(weight).zip(bias) {
-                *v = gelu::<Fused>((*v - mean) / denominator * g + b);
-            }
-        }
+        norm_gelu(&mut mid, weight, bias, self.epsilon);
         // Second convolution with its GELU: row (j, a, b) holds final pixels (a2, b2) of o
         // channels each.
         let mut last = vec![0f32; w * 4 * 4 * o];
         gemm(&mid, 4 * w, &self.second, true, &mut last);
+        // With the hypernetwork, each pixel's o values become its t mask values.
+        let (last, o) = match hyper {
+            Some(hyper) => {
+                let t = hyper.len() / o;
+                let mut masks = vec![0f32; w * 16 * t];
+                hyper_products(&last, hyper, o, &mut masks);
+                (masks, t)
+            }
+            None => (last, o),
+        };
+        // Output pixel (4i + 2·ra + a2, 4j + 2·rb + b2) of channel oi is
+        // last[((j·4 + ra·2 + rb)·4 + a2·2 + b2)·o + oi]: each output row is written whole,
+        // left to right.
         let width = 4 * w;
-        for j in 0..w {
-            for ab in 0..4 {
-                let (ra, rb) = (ab / 2, ab % 2);
-                let row = &last[(j * 4 + ab) * 4 * o..(j * 4 + ab + 1) * 4 * o];
-                for ab2 in 0..4 {
-                    let (a2, b2) = (ab2 / 2, ab2 % 2);
-                    let y = 4 * i + 2 * ra + a2;
-                    let xo = 4 * j + 2 * rb + b2;
-                    for (oi, &v) in row[ab2 * o..(ab2 + 1) * o].iter().enumerate() {
-                        // SAFETY: (oi, y, xo) is inside the image's planes, on rows of `i`.
-                        unsafe { *out.add((oi * 4 * h + y) * width + xo) = v };
-                    }
+        for oi in 0..o {
+            for (ra, a2) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                let y = 4 * i + 2 * ra + a2;
+                // SAFETY: row y of plane oi is inside the image's planes, on rows of `i`.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(out.add((oi * 4 * h + y) * width), width)
+                };
+                for (xo, d) in dst.iter_mut().enumerate() {
+                    let (j, rb, b2) = (xo / 4, (xo / 2) % 2, xo % 2);
+                    *d = last[((j * 4 + ra * 2 + rb) * 4 + a2 * 2 + b2) * o + oi];
                 }
             }
+        }
+    }
+}
+
+super::vector_math::dispatch_isa!(
+    /// `masks[p·t + k] = Σ_c hyper[k·o + c] · pixels[p·o + c]` for every pixel p (`o` values
+    /// each) and each of the `t` rows of `hyper`.
+    fn hyper_products(pixels: &[f32], hyper: &[f32], o: usize, masks: &mut [f32]) => hyper_products_body
+);
+
+#[inline(always)]
+fn hyper_products_body<F: MulAdd>(pixels: &[f32], hyper: &[f32], o: usize, masks: &mut [f32]) {
+    const LANES: usize = 16;
+    let t = hyper.len() / o;
+    let whole = o / LANES * LANES;
+    for (px, out) in pixels.chunks_exact(o).zip(masks.chunks_exact_mut(t)) {
+        for (row, m) in hyper.chunks_exact(o).zip(out.iter_mut()) {
+            let mut acc = [0f32; LANES];
+            for (x, y) in px[..whole]
+                .chunks_exact(LANES)
+                .zip(row[..whole].chunks_exact(LANES))
+            {
+                for l in 0..LANES {
+                    acc[l] = F::mul_add(x[l], y[l], acc[l]);
+                }
+            }
+            let mut width = LANES / 2;
+            while width > 0 {
+                for l in 0..width {
+                    acc[l] += acc[l + width];
+                }
+                width /= 2;
+            }
+            let mut sum = acc[0];
+            for (x, y) in px[whole..].iter().zip(&row[whole..]) {
+                sum = F::mul_add(*x, *y, sum);
+            }
+            *m = sum;
+        }
+    }
+}
+
+super::vector_math::dispatch_isa!(
+    /// LayerNorm over each pixel's channels (`weight.len()` values), then GELU, in place.
+    fn norm_gelu(values: &mut [f32], weight: &[f32], bias: &[f32], epsilon: f32) => norm_gelu_body
+);
+
+#[inline(always)]
+fn norm_gelu_body<F: MulAdd>(values: &mut [f32], weight: &[f32], bias: &[f32], epsilon: f32) {
+    let m = weight.len();
+    for px in values.chunks_exact_mut(m) {
+        let mean = px.iter().sum::<f32>() / m as f32;
+        let variance = px.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / m as f32;
+        let denominator = (variance + epsilon).sqrt();
+        for ((v, &g), &b) in px.iter_mut().zip(weight).zip(bias) {
+            *v = gelu::<F>((*v - mean) / denominator * g + b);
         }
     }
 }
@@ -344,6 +545,8 @@ impl Upscale {
 impl PartialEq for Upscale {
     fn eq(&self, other: &Self) -> bool {
         self.channels == other.channels
+            && self.tokens == other.tokens
+            && self.hyper == other.hyper
             && self.epsilon == other.epsilon
             && self.first == other.first
             && self.norm == other.norm
@@ -356,6 +559,8 @@ impl Eq for Upscale {}
 impl std::hash::Hash for Upscale {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.channels.hash(state);
+        self.tokens.hash(state);
+        self.hyper.hash(state);
         self.epsilon.to_bits().hash(state);
     }
 }
@@ -367,7 +572,15 @@ impl Op for Upscale {
 
     fn info(&self) -> TractResult<Vec<String>> {
         let [c, m, o] = self.channels;
-        Ok(vec![format!("{c} → {m} → {o} channels, 4x the size")])
+        Ok(vec![format!(
+            "{c} → {m} → {o} channels, 4x the size; input {}{}",
+            if self.tokens { "tokens" } else { "NCHW" },
+            if self.hyper {
+                ", times the hypernetwork"
+            } else {
+                ""
+            }
+        )])
     }
 
     op_as_typed_op!();
@@ -376,17 +589,34 @@ impl Op for Upscale {
 impl TypedOp for Upscale {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let x = &inputs[0].shape;
-        ensure!(
-            x.len() == 4 && x[1] == self.channels[0].to_dim(),
-            "SamrtUpscale: NCHW input of {} channels expected, got {x:?}",
-            self.channels[0]
-        );
-        let shape = tvec![
-            x[0].clone(),
-            self.channels[2].to_dim(),
-            x[2].clone() * 4,
-            x[3].clone() * 4
-        ];
+        let channels = if self.hyper {
+            let hyper = &inputs[1].shape;
+            ensure!(
+                hyper.len() == 3 && hyper[2] == self.channels[2].to_dim(),
+                "SamrtUpscale: hypernetwork [N, T, {}] expected, got {hyper:?}",
+                self.channels[2]
+            );
+            hyper[1].clone()
+        } else {
+            self.channels[2].to_dim()
+        };
+        let (h, w) = if self.tokens {
+            ensure!(
+                x.len() == 3 && x[2] == self.channels[0].to_dim(),
+                "SamrtUpscale: tokens of {} channels expected, got {x:?}",
+                self.channels[0]
+            );
+            let side = grid_side(x[1].to_usize()?)?.to_dim();
+            (side.clone(), side)
+        } else {
+            ensure!(
+                x.len() == 4 && x[1] == self.channels[0].to_dim(),
+                "SamrtUpscale: NCHW input of {} channels expected, got {x:?}",
+                self.channels[0]
+            );
+            (x[2].clone(), x[3].clone())
+        };
+        let shape = tvec![x[0].clone(), channels, h * 4, w * 4];
         Ok(tvec!(inputs[0].datum_type.fact(shape)))
     }
 
@@ -410,18 +640,44 @@ impl EvalOp for Upscale {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
+        let x = &inputs[0];
         let shape = x.shape();
         let [c, _, o] = self.channels;
-        ensure!(
-            shape.len() == 4 && shape[1] == c,
-            "SamrtUpscale: NCHW input of {c} channels expected, got {shape:?}"
-        );
-        let (n, h, w) = (shape[0], shape[2], shape[3]);
+        let (n, h, w) = if self.tokens {
+            ensure!(
+                shape.len() == 3 && shape[2] == c,
+                "SamrtUpscale: tokens of {c} channels expected, got {shape:?}"
+            );
+            let side = grid_side(shape[1])?;
+            (shape[0], side, side)
+        } else {
+            ensure!(
+                shape.len() == 4 && shape[1] == c,
+                "SamrtUpscale: NCHW input of {c} channels expected, got {shape:?}"
+            );
+            (shape[0], shape[2], shape[3])
+        };
         let view = x.try_as_plain_ram()?;
         let data = view.as_slice::<f32>()?;
+        let hyper_view = match self.hyper {
+            true => {
+                let hyper = &inputs[1];
+                ensure!(
+                    hyper.rank() == 3 && hyper.shape()[0] == n && hyper.shape()[2] == o,
+                    "SamrtUpscale: hypernetwork [{n}, T, {o}] expected, got {:?}",
+                    hyper.shape()
+                );
+                Some(hyper.try_as_plain_ram()?)
+            }
+            false => None,
+        };
+        let hyper_data = hyper_view
+            .as_ref()
+            .map(|v| v.as_slice::<f32>())
+            .transpose()?;
+        let channels = hyper_data.map_or(o, |hyper| hyper.len() / n / o);
         // SAFETY: f32 has no invalid bit patterns, and every output value is written.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(&[n, o, 4 * h, 4 * w])? };
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&[n, channels, 4 * h, 4 * w])? };
         let units = n * h;
         if units * w > 0 {
             let mut out_view = output.try_as_plain_ram_mut()?;
@@ -429,8 +685,10 @@ impl EvalOp for Upscale {
             let task = |unit: usize| {
                 let (image, i) = (unit / h, unit % h);
                 let x = &data[image * c * h * w..(image + 1) * c * h * w];
+                let hyper = hyper_data
+                    .map(|hyper| &hyper[image * channels * o..(image + 1) * channels * o]);
                 // SAFETY: each unit writes rows 4i..4i+4 of its own image's planes.
-                unsafe { self.row(x, (h, w), i, out.at(image * o * 16 * h * w)) };
+                unsafe { self.row(x, (h, w), i, hyper, out.at(image * channels * 16 * h * w)) };
             };
             match current_tract_executor() {
                 Executor::MultiThread(pool) if pool.current_num_threads() > 1 && units > 1 => {
@@ -520,9 +778,11 @@ mod tests {
         y.copysign(x)
     }
 
+    /// Each form of the operator (NCHW or token input, planes or hypernetwork masks out) against
+    /// the chain's definition, at one and two threads.
     #[test]
     fn upscaling_matches_its_definition_at_any_thread_count() {
-        let (n, c, h, w, m, o) = (2, 20, 3, 5, 8, 4);
+        let (n, c, h, w, m, o, t) = (2, 20, 3, 3, 8, 20, 3);
         let x = values(n * c * h * w, 1);
         let p = vec![
             values(c * m * 4, 2).iter().map(|v| v * 0.3).collect(),
@@ -535,19 +795,61 @@ mod tests {
                 .collect::<Vec<f32>>(),
             values(o, 7),
         ];
-        let want = reference(&x, [n, c, h, w], m, o, &p);
-        let op = Upscale::new([c, m, o], [&p[0], &p[1], &p[2], &p[3], &p[4], &p[5]], 1e-6);
-        let input = Tensor::from_shape(&[n, c, h, w], &x).unwrap();
-        let got =
-            crate::engine::fast_ops::tests::run(op.clone(), tvec![input.clone().into_tvalue()]);
-        assert_eq!(got.len(), want.len());
-        for (g, w) in got.iter().zip(&want) {
-            assert!((g - w).abs() <= 1e-4 * (1.0 + w.abs()), "{g} vs {w}");
+        let planes = reference(&x, [n, c, h, w], m, o, &p);
+        let hyper = values(n * t * o, 8);
+        let plane = 16 * h * w;
+        let masks: Vec<f32> = (0..n * t * plane)
+            .map(|i| {
+                let (image, k, px) = (i / (t * plane), (i / plane) % t, i % plane);
+                (0..o)
+                    .map(|oi| {
+                        f64::from(hyper[(image * t + k) * o + oi])
+                            * f64::from(planes[(image * o + oi) * plane + px])
+                    })
+                    .sum::<f64>() as f32
+            })
+            .collect();
+        let tokens: Vec<f32> = (0..n * h * w * c)
+            .map(|i| {
+                let (image, px, ci) = (i / (h * w * c), (i / c) % (h * w), i % c);
+                x[(image * c + ci) * h * w + px]
+            })
+            .collect();
+        let nchw = Tensor::from_shape(&[n, c, h, w], &x).unwrap();
+        let tokens = Tensor::from_shape(&[n, h * w, c], &tokens).unwrap();
+        let hyper = Tensor::from_shape(&[n, t, o], &hyper).unwrap();
+        for (as_tokens, with_hyper) in [(false, false), (true, false), (false, true), (true, true)]
+        {
+            let op = Upscale::new(
+                [c, m, o],
+                [&p[0], &p[1], &p[2], &p[3], &p[4], &p[5]],
+                1e-6,
+                as_tokens,
+                with_hyper,
+            );
+            let mut inputs = tvec![if as_tokens {
+                tokens.clone()
+            } else {
+                nchw.clone()
+            }
+            .into_tvalue()];
+            if with_hyper {
+                inputs.push(hyper.clone().into_tvalue());
+            }
+            let want = if with_hyper { &masks } else { &planes };
+            let got = crate::engine::fast_ops::tests::run(op.clone(), inputs.clone());
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                assert!(
+                    (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                    "tokens {as_tokens}, hyper {with_hyper}: {g} vs {w}"
+                );
+            }
+            let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+                tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
+                || crate::engine::fast_ops::tests::run(op, inputs),
+            );
+            assert_eq!(got, pooled, "2 threads differ from 1");
         }
-        let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
-            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
-            || crate::engine::fast_ops::tests::run(op, tvec![input.into_tvalue()]),
-        );
-        assert_eq!(got, pooled, "2 threads differ from 1");
     }
 }
