@@ -9,7 +9,9 @@ Each round starts `samrt run` twice with the same model, threads and photo, one 
 Prompts go to the control socket, one at a time, at random gaps (seeded) so that they land at
 every phase of an encode. Each answer's `latency_ms` is the service's own press → mask time (from
 the request's arrival to its event: waiting, decoding, postprocessing). Prints p50 and p95 of both
-and the target's ratio: loaded p95 / quiet p50 (issue: ≤ 1.5).
+and the target's ratio, loaded p95 / quiet p50 (issue: ≤ 1.5), with loaded / quiet at p50 and at
+p95: where the machine itself is noisy, the quiet runs' own p95 / p50 shows how much of the
+ratio is noise.
 
     cargo build --release
     python3 benches/press_under_load.py --threads 1
@@ -159,7 +161,10 @@ def main():
     print("|---|---|---|")
     print(f"| quiet | {q50:.1f} | {percentile(quiet, 0.95):.1f} |")
     print(f"| while encoding continuously | {l50:.1f} | {l95:.1f} |")
-    print(f"\nloaded p95 / quiet p50 = {l95 / q50:.2f} (target ≤ 1.5)")
+    q95 = percentile(quiet, 0.95)
+    print(f"\nloaded p95 / quiet p50 = {l95 / q50:.2f} (target ≤ 1.5); loaded p95 / quiet p95 = "
+          f"{l95 / q95:.2f}, loaded p50 / quiet p50 = {l50 / q50:.2f} (on a shared machine the quiet "
+          f"runs' own p95 / p50 is {q95 / q50:.2f})")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(raw, f, indent=1)

@@ -67,6 +67,20 @@ type Plan = Arc<TypedRunnableModel>;
 /// im2col and a matrix product take 40% of that, 4% of the whole encoder.
 const ENCODER_KNOBS: [(&str, &str); 1] = [("TRACT_DISABLE_DIRECT_SPATIAL", "true")];
 
+/// Runs `f` with its own pool of `threads` compute threads for tract's and samrt's operators
+/// on this thread, instead of the process-wide one ([`set_compute_threads`]): work on another
+/// thread (the service's encoder) then never holds this thread's operators in the shared
+/// pool's queue. One thread: single-threaded.
+pub fn with_own_compute_pool<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
+    let pool = if threads > 1 {
+        Executor::multithread(threads)
+    } else {
+        Executor::SingleThread
+    };
+    multithread_tract_scope(pool, f)
+}
+
 /// Sets how many threads tract's matrix products may use, process-wide (1: single-threaded, the
 /// default). Plans built before and after share the setting.
 pub fn set_compute_threads(threads: usize) {

@@ -849,19 +849,23 @@ impl Service {
                 let software_button = software_button.clone();
                 scope.spawn(move || server.serve(jobs, shared_ref, config_ref, software_button))
             });
+            // The decoder's operators run on a pool of their own: in the shared one they would
+            // wait behind the tasks of the encoder operator in flight when a prompt arrives.
             let decoder = scope.spawn(|| {
-                let mut decoder = Decoder {
-                    predictor: &predictor,
-                    detector: detector.as_ref(),
-                    config: &config,
-                    shared: &shared,
-                    events: event_tx,
-                    next_event_id: 0,
-                    threads,
-                };
-                for job in job_rx {
-                    decoder.run_job(job);
-                }
+                crate::engine::with_own_compute_pool(threads, || {
+                    let mut decoder = Decoder {
+                        predictor: &predictor,
+                        detector: detector.as_ref(),
+                        config: &config,
+                        shared: &shared,
+                        events: event_tx,
+                        next_event_id: 0,
+                        threads,
+                    };
+                    for job in job_rx {
+                        decoder.run_job(job);
+                    }
+                })
             });
             let sink_thread = scope.spawn(|| sink_loop(event_rx, sinks, &shared));
 
