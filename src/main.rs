@@ -108,8 +108,9 @@ struct BenchArgs {
     /// operator kind and of the slowest nodes on stderr (`encoder` and `decoder` only).
     #[arg(long)]
     profile: bool,
-    /// `decoder`: decode this many prompts (the point, shifted by a pixel each) together
-    /// (`SamPredictor::decode_batch`); the times are for all of them.
+    /// `decoder`: decode this many prompts (the point, shifted by a pixel each) as one set
+    /// (`SamPredictor::decode_batch`, `SAMRT_DECODER_BATCH` prompts a call); the times are for
+    /// all of them.
     #[arg(long, default_value_t = 1)]
     batch: usize,
     #[command(flatten)]

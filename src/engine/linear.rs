@@ -76,19 +76,33 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
             continue;
         };
         let (gelu, output) = gelu_after(&index, add_ix);
+        let mut input = vec![mm.input[0].clone(), mm.input[1].clone(), bias.to_string()];
+        let mut output = output.to_string();
+        let mut last = gelu.unwrap_or(add_ix);
+        // A residual `Add(layer, r)` the layer alone feeds: added in the layer's store.
+        let residual = match gelu {
+            Some(_) => None,
+            None => residual_add(&index, add_ix),
+        };
+        if let Some((residual_ix, r)) = residual {
+            input.push(r.to_string());
+            output = index.nodes[residual_ix].output[0].clone();
+            last = residual_ix;
+            removed.insert(residual_ix);
+        }
         let node = NodeProto {
             name: format!("{}.samrt_linear", mm.name),
             op_type: OP_TYPE.into(),
             domain: DOMAIN.into(),
-            input: vec![mm.input[0].clone(), mm.input[1].clone(), bias.to_string()],
-            output: vec![output.to_string()],
+            input,
+            output: vec![output],
             attribute: vec![gelu_attribute(gelu.is_some())],
             ..Default::default()
         };
         removed.extend([mm_ix, add_ix]);
         removed.extend(gelu);
         // In place of the chain's last node, where its inputs exist.
-        fused.insert(gelu.unwrap_or(add_ix), node);
+        fused.insert(last, node);
     }
     let count = fused.len();
     super::layer_norm::splice(graph, fused, &removed);
@@ -111,6 +125,19 @@ pub(super) fn bias_add<'a>(
     let t = index.initializers.get(bias.as_str())?;
     (t.data_type == pb::tensor_proto::DataType::Float as i32 && t.dims == [n])
         .then_some((add_ix, bias.as_str()))
+}
+
+/// The `Add(·, r)` that the `Add` at `add_ix` feeds alone, with `r` computed (not an
+/// initializer: a bias there would be the layer's own): `(add node, r)`.
+fn residual_add<'a>(index: &GraphIndex<'a>, add_ix: usize) -> Option<(usize, &'a str)> {
+    let value = index.nodes[add_ix].output[0].as_str();
+    let residual_ix = index.single_consumer(value, "Add")?;
+    let r = match index.nodes[residual_ix].input.as_slice() {
+        [a, b] if a == value && b != value => b,
+        [a, b] if b == value && a != value => a,
+        _ => return None,
+    };
+    (!index.initializers.contains_key(r.as_str())).then_some((residual_ix, r.as_str()))
 }
 
 /// The `SamrtGelu` that the `Add` at `add_ix` feeds alone, if any, and the value the layer then
@@ -163,12 +190,15 @@ pub fn build(
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let gelu = node.get_attr_opt::<i64>("gelu")?.unwrap_or(0) != 0;
-    Ok((expand(LinearExpansion { gelu }), vec![]))
+    let residual = node.input.len() == 4;
+    Ok((expand(LinearExpansion { gelu, residual }), vec![]))
 }
 
 #[derive(Debug, Clone)]
 struct LinearExpansion {
     gelu: bool,
+    /// A fourth input is added to the result (the ONNX `Add`'s broadcasting rules).
+    residual: bool,
 }
 
 impl Expansion for LinearExpansion {
@@ -182,9 +212,14 @@ impl Expansion for LinearExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 3)?;
+        check_input_arity(inputs, 3 + usize::from(self.residual))?;
         check_output_arity(outputs, 1)?;
         s.equals(&inputs[0].datum_type, &outputs[0].datum_type)?;
+        if self.residual {
+            s.equals(&inputs[3].datum_type, &outputs[0].datum_type)?;
+        }
+        // A residual has the layer's shape in the graphs this is fused in; one that broadcasts
+        // is added by tract's operator after the layer (see `wire`).
         output_shape_rule(s, &inputs[0], &inputs[1], &outputs[0])
     }
 
@@ -221,7 +256,21 @@ impl Expansion for LinearExpansion {
             self.gelu,
             panel_width(),
         );
-        model.wire_node(prefix, op, &inputs[..1])
+        if !self.residual {
+            return model.wire_node(prefix, op, &inputs[..1]);
+        }
+        let r = model.outlet_fact(inputs[3])?.clone();
+        let out = op.output_facts(&[&x])?.remove(0);
+        if r.shape == out.shape && r.datum_type == out.datum_type {
+            return model.wire_node(prefix, op.with_residual(), &[inputs[0], inputs[3]]);
+        }
+        let layer = model.wire_node(format!("{prefix}.layer"), op, &inputs[..1])?[0];
+        tract_onnx::tract_core::ops::change_axes::wire_with_rank_broadcast(
+            format!("{prefix}.residual"),
+            model,
+            tract_onnx::tract_core::ops::math::add(),
+            &[layer, inputs[3]],
+        )
     }
 }
 
@@ -267,11 +316,13 @@ impl PackedWeights {
 pub struct Linear {
     weights: Arc<PackedWeights>,
     gelu: bool,
+    /// A second input, of the output's shape, is added to the result.
+    residual: bool,
 }
 
 impl PartialEq for Linear {
     fn eq(&self, other: &Self) -> bool {
-        self.gelu == other.gelu && self.weights == other.weights
+        self.gelu == other.gelu && self.residual == other.residual && self.weights == other.weights
     }
 }
 
@@ -284,6 +335,7 @@ impl std::hash::Hash for Linear {
             self.weights.n,
             self.weights.width,
             self.gelu,
+            self.residual,
         )
             .hash(state);
         for v in self.weights.data.iter().take(64) {
@@ -308,6 +360,15 @@ impl Linear {
         Linear {
             weights: Arc::new(PackedWeights::new(weights, bias, k, n, width)),
             gelu,
+            residual: false,
+        }
+    }
+
+    /// The layer plus a residual input of the output's shape.
+    fn with_residual(self) -> Self {
+        Linear {
+            residual: true,
+            ..self
         }
     }
 }
@@ -319,8 +380,8 @@ impl Op for Linear {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "k: {}, n: {}, panels of {}, gelu: {}",
-            self.weights.k, self.weights.n, self.weights.width, self.gelu
+            "k: {}, n: {}, panels of {}, gelu: {}, residual: {}",
+            self.weights.k, self.weights.n, self.weights.width, self.gelu, self.residual
         )])
     }
 
@@ -347,7 +408,7 @@ impl EvalOp for Linear {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let x = args_1!(inputs);
+        let x = &inputs[0];
         let w = &*self.weights;
         let (k, n) = (w.k, w.n);
         ensure!(
@@ -360,6 +421,22 @@ impl EvalOp for Linear {
         let view = x.try_as_plain_ram()?;
         let a = view.as_slice::<f32>()?;
         let m = a.len().checked_div(k).unwrap_or(0);
+        let residual_view = match self.residual {
+            true => {
+                let r = &inputs[1];
+                ensure!(
+                    r.shape() == &shape[..],
+                    "SamrtLinear: residual {:?} for output {shape:?}",
+                    r.shape()
+                );
+                Some(r.try_as_plain_ram()?)
+            }
+            false => None,
+        };
+        let residual = residual_view
+            .as_ref()
+            .map(|v| v.as_slice::<f32>())
+            .transpose()?;
         // SAFETY: f32 has no invalid bit patterns, and every row of the output is written.
         let mut output = unsafe { Tensor::uninitialized::<f32>(&shape)? };
         if m * n > 0 {
@@ -376,6 +453,14 @@ impl EvalOp for Linear {
                     self.gelu,
                     rows,
                 );
+                if let Some(residual) = residual {
+                    // While the rows are in cache; `layer + r`, the ONNX Add's operand order
+                    // does not change an f32 sum.
+                    let r = &residual[first * n..(first + count) * n];
+                    for (c, r) in rows.iter_mut().zip(r) {
+                        *c += r;
+                    }
+                }
                 Ok(())
             })?;
         }
@@ -703,9 +788,25 @@ mod tests {
         }
         let pooled = tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
             tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
-            || crate::engine::fast_ops::tests::run(op, tvec![x.into_tvalue()]),
+            || crate::engine::fast_ops::tests::run(op, tvec![x.clone().into_tvalue()]),
         );
         assert_eq!(got, pooled, "{shape:?}x{n}: 2 threads differ from 1");
+        if !gelu {
+            // With a residual: the layer's values plus the residual's, exactly.
+            let mut r_shape = x.shape().to_vec();
+            *r_shape.last_mut().unwrap() = n;
+            let r = Tensor::from_shape(&r_shape, &values(got.len(), 4)).unwrap();
+            let op = Linear::new(&w, &b, k, n, false, width).with_residual();
+            let with = crate::engine::fast_ops::tests::run(
+                op,
+                tvec![x.clone().into_tvalue(), r.clone().into_tvalue()],
+            );
+            let r = r.try_as_plain_ram().unwrap();
+            let r = r.as_slice::<f32>().unwrap();
+            for ((g, l), r) in with.iter().zip(&got).zip(r) {
+                assert_eq!(*g, l + r, "{shape:?}x{n}: residual");
+            }
+        }
     }
 
     #[test]

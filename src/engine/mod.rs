@@ -670,17 +670,35 @@ pub struct DecoderInput<'a> {
 /// How many decoder plans specialized to one prompt shape are kept (see [`MaskDecoder`]).
 pub const MAX_DECODER_PLANS: usize = 8;
 
-/// The most prompts [`MaskDecoder::decode_batch`] runs in one decoder call (a power of two);
-/// larger sets are split. Every image-token tensor of a call is `batch` times 4 MB (4096 tokens
-/// x 256 channels).
+/// The most prompts [`MaskDecoder::decode_batch`] may run in one decoder call.
 pub const MAX_DECODER_BATCH: usize = 16;
 
-/// Batch sizes `n` prompts are decoded in: [`MAX_DECODER_BATCH`] while that many are left, then
-/// the powers of two of the rest (13 → 8, 4, 1), so that at most five plans serve any count.
-fn batch_sizes(n: usize) -> Vec<usize> {
-    let mut sizes = vec![MAX_DECODER_BATCH; n / MAX_DECODER_BATCH];
-    let rest = n % MAX_DECODER_BATCH;
-    let mut bit = MAX_DECODER_BATCH;
+/// The prompts one decoder call takes by default: 1, or `SAMRT_DECODER_BATCH` (a power of two
+/// up to [`MAX_DECODER_BATCH`]). On the CPUs measured, batches are slower per prompt (README,
+/// Performance): every image-token tensor of a call is `batch` times 4 MB (4096 tokens x 256
+/// channels) and leaves the cache that one prompt's fits in.
+fn default_decoder_batch() -> usize {
+    match std::env::var("SAMRT_DECODER_BATCH") {
+        Err(_) => 1,
+        Ok(v) => match v.parse::<usize>() {
+            Ok(b) if b.is_power_of_two() && b <= MAX_DECODER_BATCH => b,
+            _ => {
+                log::warn!(
+                    "SAMRT_DECODER_BATCH={v} ignored: a power of two from 1 to {MAX_DECODER_BATCH}"
+                );
+                1
+            }
+        },
+    }
+}
+
+/// Batch sizes `n` prompts are decoded in: `max` (a power of two) while that many are left, then
+/// the powers of two of the rest (13 by 16 → 8, 4, 1), so that at most five plans serve any
+/// count.
+fn batch_sizes(n: usize, max: usize) -> Vec<usize> {
+    let mut sizes = vec![max; n / max];
+    let rest = n % max;
+    let mut bit = max;
     while bit > 0 {
         if rest & bit != 0 {
             sizes.push(bit);
@@ -736,6 +754,8 @@ pub struct MaskDecoder {
     path: std::path::PathBuf,
     plans: std::sync::Mutex<Vec<(PromptShape, Arc<DecoderPlan>)>>,
     any_shape: std::sync::Mutex<Option<Arc<DecoderPlan>>>,
+    /// The most prompts [`Self::decode_batch`] runs in one call.
+    max_batch: usize,
 }
 
 /// One prompt shape's decoder.
@@ -919,6 +939,7 @@ impl MaskDecoder {
             path: path.to_path_buf(),
             plans: Default::default(),
             any_shape: Default::default(),
+            max_batch: default_decoder_batch(),
         };
         decoder.plan_for(PromptShape::ONE_POINT)?;
         Ok(decoder)
@@ -1093,9 +1114,21 @@ impl MaskDecoder {
             .remove(0))
     }
 
+    /// How many prompts [`Self::decode_batch`] runs in one decoder call at most: a power of two
+    /// up to [`MAX_DECODER_BATCH`] (default 1, see `SAMRT_DECODER_BATCH`).
+    pub fn set_max_batch(&mut self, batch: usize) -> Result<()> {
+        if !batch.is_power_of_two() || batch > MAX_DECODER_BATCH {
+            return Err(Error::Inference(format!(
+                "a decoder batch of {batch}: use a power of two from 1 to {MAX_DECODER_BATCH}"
+            )));
+        }
+        self.max_batch = batch;
+        Ok(())
+    }
+
     /// Decodes a set of prompts on one embedding, as [`Self::decode`] would one by one: prompts
-    /// with the same number of points and no mask input run together, up to
-    /// [`MAX_DECODER_BATCH`] in one decoder call. Results are in input order.
+    /// with the same number of points and no mask input run together, up to the decoder's
+    /// batch ([`Self::set_max_batch`]) in one call. Results are in input order.
     pub fn decode_batch(&self, inputs: &[DecoderInput<'_>]) -> Result<Vec<DecodedTokens>> {
         let mut results: Vec<Option<DecodedTokens>> = vec![None; inputs.len()];
         let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
@@ -1117,7 +1150,7 @@ impl MaskDecoder {
         }
         for (_, members) in groups {
             let mut rest = &members[..];
-            for size in batch_sizes(members.len()) {
+            for size in batch_sizes(members.len(), self.max_batch) {
                 let (chunk, after) = rest.split_at(size);
                 rest = after;
                 let batch: Vec<DecoderInput<'_>> = chunk.iter().map(|&i| inputs[i]).collect();
@@ -1476,13 +1509,16 @@ mod tests {
 
     #[test]
     fn batch_sizes_are_full_batches_then_powers_of_two() {
-        assert_eq!(batch_sizes(0), Vec::<usize>::new());
-        assert_eq!(batch_sizes(1), vec![1]);
-        assert_eq!(batch_sizes(13), vec![8, 4, 1]);
-        assert_eq!(batch_sizes(16), vec![16]);
-        assert_eq!(batch_sizes(37), vec![16, 16, 4, 1]);
+        assert_eq!(batch_sizes(0, 16), Vec::<usize>::new());
+        assert_eq!(batch_sizes(1, 16), vec![1]);
+        assert_eq!(batch_sizes(13, 16), vec![8, 4, 1]);
+        assert_eq!(batch_sizes(16, 16), vec![16]);
+        assert_eq!(batch_sizes(37, 16), vec![16, 16, 4, 1]);
+        assert_eq!(batch_sizes(3, 1), vec![1, 1, 1]);
         for n in 0..100 {
-            assert_eq!(batch_sizes(n).iter().sum::<usize>(), n);
+            for max in [1, 2, 4, 8, 16] {
+                assert_eq!(batch_sizes(n, max).iter().sum::<usize>(), n);
+            }
         }
     }
 
@@ -1491,7 +1527,9 @@ mod tests {
     /// alone, in input order.
     #[test]
     fn batched_prompts_match_one_by_one() {
-        let decoder = default_decoder();
+        let mut decoder = default_decoder();
+        assert!(decoder.set_max_batch(3).is_err());
+        decoder.set_max_batch(MAX_DECODER_BATCH).unwrap();
         let embedding = EmbeddingTensor::new(&embedding_values(7919, 2001)).unwrap();
         let mask: Vec<f32> = (0..LOW_RES_MASK_LEN)
             .map(|i| ((i % 97) as f32 - 48.0) / 8.0)
