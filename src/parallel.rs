@@ -1,5 +1,6 @@
 //! Running independent decoder calls on several threads. tract plans are shared read-only and
-//! each call builds its own state, so one plan serves every thread.
+//! each call builds its own state, so one plan serves every thread; each thread runs its calls'
+//! operators single-threaded.
 
 use crate::error::{Error, Result};
 
@@ -21,9 +22,17 @@ pub fn parallel_map<T: Sync, R: Send>(
     }
     let chunk = items.len().div_ceil(threads);
     std::thread::scope(|scope| {
+        // Each thread runs its operators single-threaded: independent calls side by side use
+        // the cores better than every call splitting each operator over a shared pool.
         let handles: Vec<_> = items
             .chunks(chunk)
-            .map(|part| scope.spawn(|| part.iter().map(&f).collect::<Result<Vec<R>>>()))
+            .map(|part| {
+                scope.spawn(|| {
+                    crate::engine::with_own_compute_pool(1, || {
+                        part.iter().map(&f).collect::<Result<Vec<R>>>()
+                    })
+                })
+            })
             .collect();
         let mut out = Vec::with_capacity(items.len());
         for handle in handles {
