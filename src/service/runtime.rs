@@ -37,7 +37,7 @@ use crate::amg::AmgParams;
 use crate::detector::{Detector, DetectorParams};
 use crate::model::ModelFiles;
 use crate::parallel::default_threads;
-use crate::predictor::{Embedding, MaskOutput, SamPredictor};
+use crate::predictor::{Embedding, MaskOutput, Prediction, SamPredictor};
 use crate::prompt::{PointLabel, PointPrompt, Prompt};
 
 /// The longest wait between reconnect attempts of a source that is gone.
@@ -393,11 +393,7 @@ impl Decoder<'_> {
         self.shared
             .stats
             .record_decode_ms(start.elapsed().as_secs_f64() * 1e3);
-        Ok(prediction
-            .masks
-            .into_iter()
-            .map(|m| EventMask::new(m.mask, m.iou, m.stability))
-            .collect())
+        Ok(event_masks(prediction))
     }
 
     fn everything(&mut self, encoded: &EncodedFrame) -> Result<Vec<EventMask>, String> {
@@ -543,11 +539,7 @@ impl Decoder<'_> {
             }
             for ((object, prompt), prediction) in objects.into_iter().zip(prompts).zip(predictions)
             {
-                let masks = prediction
-                    .masks
-                    .into_iter()
-                    .map(|m| EventMask::new(m.mask, m.iou, m.stability))
-                    .collect();
+                let masks = event_masks(prediction);
                 self.emit(
                     encoded,
                     PromptOrigin::Detector {
@@ -560,6 +552,15 @@ impl Decoder<'_> {
             }
         }
     }
+}
+
+/// A prediction's masks as an event carries them.
+fn event_masks(prediction: Prediction) -> Vec<EventMask> {
+    prediction
+        .masks
+        .into_iter()
+        .map(|m| EventMask::new(m.mask, m.iou, m.stability))
+        .collect()
 }
 
 /// One prompt of foreground `points` (a short button press's, the fixed points), or the frame

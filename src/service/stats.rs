@@ -79,6 +79,13 @@ pub fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
+fn record(history: &Mutex<HistoryBuf<f32, LATENCY_WINDOW>>, ms: f64) {
+    history
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .write(ms as f32);
+}
+
 fn percentile(history: &Mutex<HistoryBuf<f32, LATENCY_WINDOW>>, q: f64) -> Option<f64> {
     let history = history.lock().unwrap_or_else(|e| e.into_inner());
     let mut values: Vec<f32> = history.oldest_ordered().copied().collect();
@@ -118,24 +125,15 @@ pub fn heap_bytes() -> Option<u64> {
 
 impl Stats {
     pub fn record_encode_ms(&self, ms: f64) {
-        self.encode_ms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(ms as f32);
+        record(&self.encode_ms, ms);
     }
 
     pub fn record_prompt_ms(&self, ms: f64) {
-        self.prompt_ms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(ms as f32);
+        record(&self.prompt_ms, ms);
     }
 
     pub fn record_decode_ms(&self, ms: f64) {
-        self.decode_ms
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(ms as f32);
+        record(&self.decode_ms, ms);
     }
 
     /// The encoder held `held` before an operator while prompts were pending.
