@@ -27,7 +27,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
-use super::vector_math::{exp_nonpositive, isa, Baseline, Fused, Isa, MulAdd};
+#[cfg(target_arch = "x86_64")]
+use super::vector_math::Fused;
+use super::vector_math::{exp_nonpositive, isa, Baseline, Isa, MulAdd};
 
 /// The ONNX operator type of a fused attention node (samrt's own domain).
 pub const OP_TYPE: &str = "SamrtAttention";

@@ -32,6 +32,7 @@ const DOMAIN: &str = "ai.samrt";
 /// Output channels of a register tile.
 const TILE_CHANNELS: usize = 6;
 /// Pixels of a register tile.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TILE_PIXELS: usize = 32;
 /// Pixels of one block (packed together; the unit of threading).
 const BLOCK_PIXELS: usize = 256;
@@ -368,6 +369,8 @@ impl Conv1x1 {
                 Isa::Baseline => {}
             }
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = scratch;
         // SAFETY: the caller's contract.
         unsafe { self.block_generic(x, plane, pixels, out) }
     }

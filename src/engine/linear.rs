@@ -29,7 +29,9 @@ use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::onnx_graph::GraphIndex;
-use super::vector_math::{gelu, isa, Baseline, Fused, Isa, MulAdd};
+use super::vector_math::{gelu, isa, Baseline, MulAdd};
+#[cfg(target_arch = "x86_64")]
+use super::vector_math::{Fused, Isa};
 
 /// The ONNX operator type of a fused linear layer (samrt's domain).
 pub const OP_TYPE: &str = "SamrtLinear";
@@ -346,7 +348,7 @@ impl std::hash::Hash for Linear {
 
 /// The panel width of the kernel this CPU runs.
 pub(super) fn panel_width() -> usize {
-    if isa() == Isa::Avx512 {
+    if isa().is_avx512() {
         32
     } else {
         16
@@ -812,7 +814,7 @@ mod tests {
     #[test]
     fn linear_matches_tracts_matmul_and_bias() {
         let mut widths = vec![16];
-        if isa() == Isa::Avx512 {
+        if isa().is_avx512() {
             widths.push(32);
         }
         for width in widths {

@@ -12,6 +12,20 @@ pub enum Isa {
     Baseline,
 }
 
+impl Isa {
+    /// Whether this is the AVX-512 variant (false on every other architecture).
+    pub fn is_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self == Isa::Avx512
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+}
+
 pub fn isa() -> Isa {
     static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *ISA.get_or_init(|| {
