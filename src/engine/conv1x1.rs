@@ -23,7 +23,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
-use super::vector_math::{gelu, Fused};
+use super::vector_math::{gelu, AlignedVec, Fused};
 
 /// The ONNX operator type of a fused 1x1 convolution (samrt's domain).
 pub const OP_TYPE: &str = "SamrtConv1x1";
@@ -320,8 +320,8 @@ impl EvalOp for Conv1x1 {
                 _ => 1,
             };
             let tasks = if threads > 1 { units } else { 1 };
-            let task = |t: usize| {
-                let mut scratch = vec![0f32; self.c * BLOCK_PIXELS];
+            let scratch = || AlignedVec::<f32>::zeroed(self.c * BLOCK_PIXELS);
+            let task = |scratch: &mut AlignedVec<f32>, t: usize| {
                 for unit in t * units / tasks..(t + 1) * units / tasks {
                     let (image, block) = (unit / blocks, unit % blocks);
                     let x = &data[image * self.c * plane..(image + 1) * self.c * plane];
@@ -329,15 +329,18 @@ impl EvalOp for Conv1x1 {
                     // SAFETY: units write disjoint pixel ranges of the output; `block_into`
                     // writes only inside image `image`'s o x plane values.
                     let out_image = out.at(image * self.o * plane);
-                    unsafe { self.block_into(x, plane, pixels, &mut scratch, out_image) };
+                    unsafe { self.block_into(x, plane, pixels, scratch, out_image) };
                 }
             };
             match current_tract_executor() {
                 Executor::MultiThread(pool) if threads > 1 && tasks > 1 => {
                     use rayon::prelude::*;
-                    pool.install(|| (0..tasks).into_par_iter().for_each(task))
+                    pool.install(|| (0..tasks).into_par_iter().for_each_init(scratch, task))
                 }
-                _ => (0..tasks).for_each(task),
+                _ => {
+                    let mut scratch = scratch();
+                    (0..tasks).for_each(|t| task(&mut scratch, t))
+                }
             }
         }
         Ok(tvec!(output.into_tvalue()))
@@ -441,16 +444,30 @@ impl Conv1x1 {
         let len = pixels.len();
         let panels = len.div_ceil(TILE_PIXELS);
         // Pack: panel q holds c rows of TILE_PIXELS pixels, zero past the block's end.
+        // (Whole panels as fixed-size copies: a `memcpy` call per 128 bytes cost more than the
+        // copy.)
+        let whole = len / TILE_PIXELS;
         for ch in 0..c {
             let row = &x[ch * plane + pixels.start..ch * plane + pixels.end];
-            for q in 0..panels {
+            for q in 0..whole {
+                let at = (q * c + ch) * TILE_PIXELS;
+                let dst: &mut [f32; TILE_PIXELS] =
+                    (&mut scratch[at..at + TILE_PIXELS]).try_into().unwrap();
+                *dst = row[q * TILE_PIXELS..(q + 1) * TILE_PIXELS]
+                    .try_into()
+                    .unwrap();
+            }
+            for q in whole..panels {
                 let dst = &mut scratch[(q * c + ch) * TILE_PIXELS..(q * c + ch + 1) * TILE_PIXELS];
                 let src = &row[q * TILE_PIXELS..((q + 1) * TILE_PIXELS).min(len)];
                 dst[..src.len()].copy_from_slice(src);
                 dst[src.len()..].fill(0.0);
             }
         }
-        let mut tile = [0f32; TILE_CHANNELS * TILE_PIXELS];
+        #[repr(C, align(64))]
+        struct Lines([f32; TILE_CHANNELS * TILE_PIXELS]);
+        let mut tile = Lines([0f32; TILE_CHANNELS * TILE_PIXELS]);
+        let tile = &mut tile.0;
         for q in 0..panels {
             let b = scratch[q * c * TILE_PIXELS..].as_ptr();
             let width = TILE_PIXELS.min(len - q * TILE_PIXELS);
@@ -477,7 +494,12 @@ impl Conv1x1 {
                             width,
                         )
                     };
-                    dst.copy_from_slice(src);
+                    if width == TILE_PIXELS {
+                        let dst: &mut [f32; TILE_PIXELS] = dst.try_into().unwrap();
+                        *dst = (&*src).try_into().unwrap();
+                    } else {
+                        dst.copy_from_slice(src);
+                    }
                 }
             }
         }

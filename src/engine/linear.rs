@@ -29,7 +29,7 @@ use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::onnx_graph::GraphIndex;
-use super::vector_math::{gelu, isa, Baseline, MulAdd};
+use super::vector_math::{gelu, isa, AlignedVec, Baseline, MulAdd};
 #[cfg(target_arch = "x86_64")]
 use super::vector_math::{Fused, Isa};
 
@@ -286,22 +286,31 @@ pub(super) struct PackedWeights {
     k: usize,
     n: usize,
     width: usize,
-    data: Vec<f32>,
+    data: AlignedVec<f32>,
     /// The bias, zero-padded to whole panels.
-    bias: Vec<f32>,
+    bias: AlignedVec<f32>,
 }
 
 impl PackedWeights {
+    /// Hashes the shape and the first values (what an operator's `Hash` needs).
+    pub(super) fn hash_prefix<H: std::hash::Hasher>(&self, state: &mut H) {
+        use std::hash::Hash;
+        (self.k, self.n, self.width).hash(state);
+        for v in self.data.iter().take(64) {
+            v.to_bits().hash(state);
+        }
+    }
+
     pub(super) fn new(weights: &[f32], bias: &[f32], k: usize, n: usize, width: usize) -> Self {
         let panels = n.div_ceil(width);
-        let mut data = vec![0f32; panels * k * width];
+        let mut data = AlignedVec::zeroed(panels * k * width);
         for (kk, row) in weights.chunks_exact(n).enumerate().take(k) {
             for (col, &v) in row.iter().enumerate() {
                 let (p, j) = (col / width, col % width);
                 data[(p * k + kk) * width + j] = v;
             }
         }
-        let mut padded = vec![0f32; panels * width];
+        let mut padded = AlignedVec::zeroed(panels * width);
         padded[..n].copy_from_slice(&bias[..n]);
         PackedWeights {
             k,
@@ -340,9 +349,7 @@ impl std::hash::Hash for Linear {
             self.residual,
         )
             .hash(state);
-        for v in self.weights.data.iter().take(64) {
-            v.to_bits().hash(state);
-        }
+        self.weights.hash_prefix(state);
     }
 }
 
@@ -500,6 +507,17 @@ unsafe fn gemm_avx2(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut 
     gemm_body::<16, Avx2Tile, Fused>(a, m, w, gelu, c)
 }
 
+/// Values of `k` whose slice of a weight panel stays in L1 (16 KB) while a block's row tiles
+/// run over it: longer rows are summed in slices, each tile's partial sums kept in `c` between
+/// them (the same order of additions, so the same bits).
+fn k_slice(k: usize, width: usize) -> usize {
+    let most = 4096 / width;
+    if k * width <= 6144 {
+        return k;
+    }
+    k.div_ceil(k.div_ceil(most))
+}
+
 #[inline(always)]
 fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
     a: &[f32],
@@ -511,58 +529,80 @@ fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
     let (k, n) = (w.k, w.n);
     debug_assert_eq!(w.width, W);
     let panels = n.div_ceil(W);
-    let mut tail_a = vec![0f32; TILE_ROWS * k];
-    let mut tile_out = vec![0f32; TILE_ROWS * W];
+    let slice = k_slice(k, W);
+    let mut tail_a = AlignedVec::<f32>::zeroed(TILE_ROWS * k);
+    let mut tile_out = AlignedVec::<f32>::zeroed(TILE_ROWS * W);
     for block in (0..m).step_by(BLOCK_ROWS) {
         let block_end = (block + BLOCK_ROWS).min(m);
-        for p in 0..panels {
-            let panel = &w.data[p * k * W..(p + 1) * k * W];
-            let bias = &w.bias[p * W..(p + 1) * W];
-            let cols = W.min(n - p * W);
-            let mut row = block;
-            while row < block_end {
-                let rows = TILE_ROWS.min(block_end - row);
-                let (src, ld) = if rows == TILE_ROWS {
-                    (&a[row * k..], k)
+        for k0 in (0..k).step_by(slice) {
+            let kc = slice.min(k - k0);
+            let (first, last) = (k0 == 0, k0 + kc == k);
+            for p in 0..panels {
+                let panel = &w.data[p * k * W + k0 * W..p * k * W + (k0 + kc) * W];
+                let bias = &w.bias[p * W..(p + 1) * W];
+                let bias = if last {
+                    bias.as_ptr()
                 } else {
-                    tail_a.fill(0.0);
-                    tail_a[..rows * k].copy_from_slice(&a[row * k..(row + rows) * k]);
-                    (&tail_a[..], k)
+                    std::ptr::null()
                 };
-                if rows == TILE_ROWS && cols == W {
-                    let dst = &mut c[row * n + p * W..];
-                    assert!(dst.len() >= (TILE_ROWS - 1) * n + W);
-                    // SAFETY: bounds asserted; `src` holds TILE_ROWS rows of k values.
-                    unsafe {
-                        T::tile(
-                            src.as_ptr(),
-                            ld,
-                            panel.as_ptr(),
-                            k,
-                            bias.as_ptr(),
-                            dst.as_mut_ptr(),
-                            n,
-                        )
+                let cols = W.min(n - p * W);
+                let mut row = block;
+                while row < block_end {
+                    let rows = TILE_ROWS.min(block_end - row);
+                    let src = if rows == TILE_ROWS {
+                        &a[row * k + k0..]
+                    } else {
+                        for r in 0..rows {
+                            tail_a[r * k..r * k + kc]
+                                .copy_from_slice(&a[(row + r) * k + k0..(row + r) * k + k0 + kc]);
+                        }
+                        tail_a[rows * k..].fill(0.0);
+                        &tail_a[..]
                     };
-                } else {
-                    // SAFETY: as above, into the tile buffer of TILE_ROWS rows of W.
-                    unsafe {
-                        T::tile(
-                            src.as_ptr(),
-                            ld,
-                            panel.as_ptr(),
-                            k,
-                            bias.as_ptr(),
-                            tile_out.as_mut_ptr(),
-                            W,
-                        )
-                    };
-                    for r in 0..rows {
-                        let dst = &mut c[(row + r) * n + p * W..(row + r) * n + p * W + cols];
-                        dst.copy_from_slice(&tile_out[r * W..r * W + cols]);
+                    if rows == TILE_ROWS && cols == W {
+                        let dst = &mut c[row * n + p * W..];
+                        assert!(dst.len() >= (TILE_ROWS - 1) * n + W);
+                        assert!(src.len() >= (TILE_ROWS - 1) * k + kc);
+                        // SAFETY: bounds asserted; `src` holds TILE_ROWS rows of kc values.
+                        unsafe {
+                            T::tile(
+                                src.as_ptr(),
+                                k,
+                                panel.as_ptr(),
+                                kc,
+                                !first,
+                                bias,
+                                dst.as_mut_ptr(),
+                                n,
+                            )
+                        };
+                    } else {
+                        if !first {
+                            for r in 0..rows {
+                                let at = (row + r) * n + p * W;
+                                tile_out[r * W..r * W + cols].copy_from_slice(&c[at..at + cols]);
+                            }
+                        }
+                        // SAFETY: as above, into the tile buffer of TILE_ROWS rows of W.
+                        unsafe {
+                            T::tile(
+                                src.as_ptr(),
+                                k,
+                                panel.as_ptr(),
+                                kc,
+                                !first,
+                                bias,
+                                tile_out.as_mut_ptr(),
+                                W,
+                            )
+                        };
+                        for r in 0..rows {
+                            let dst = &mut c[(row + r) * n + p * W..(row + r) * n + p * W + cols];
+                            dst.copy_from_slice(&tile_out[r * W..r * W + cols]);
+                        }
                     }
+                    row += rows;
                 }
-                row += rows;
             }
         }
         if gelu {
@@ -578,17 +618,19 @@ fn gelu_of<F: MulAdd>(x: f32) -> f32 {
     gelu::<F>(x)
 }
 
-/// A register tile kernel: `c[r][0..W] = Σₖ a[r][k] · b[k][0..W] + bias` for [`TILE_ROWS`]
-/// rows, accumulated in the order of k.
+/// A register tile kernel: `c[r][0..W] = (c[r][0..W] if accumulate) + Σₖ a[r][k] · b[k][0..W]
+/// (+ bias, unless `bias` is null) for [`TILE_ROWS`] rows, accumulated in the order of k.
 trait TileKernel<const W: usize> {
     /// # Safety
-    /// `a` holds TILE_ROWS rows of `lda` with `k` values, `b` `k` rows of `W`, `bias` `W`
-    /// values, `c` TILE_ROWS rows of `ldc` with `W` values.
+    /// `a` holds TILE_ROWS rows of `lda` with `k` values, `b` `k` rows of `W`, `bias` null or
+    /// `W` values, `c` TILE_ROWS rows of `ldc` with `W` values.
+    #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         a: *const f32,
         lda: usize,
         b: *const f32,
         k: usize,
+        accumulate: bool,
         bias: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -609,6 +651,7 @@ impl TileKernel<32> for Avx512Tile {
         lda: usize,
         b: *const f32,
         k: usize,
+        accumulate: bool,
         bias: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -618,6 +661,12 @@ impl TileKernel<32> for Avx512Tile {
         unsafe {
             let zero = _mm512_setzero_ps();
             let mut acc = [[zero; 2]; TILE_ROWS];
+            if accumulate {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm512_loadu_ps(c.add(r * ldc));
+                    acc[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+                }
+            }
             for kk in 0..k {
                 let b0 = _mm512_loadu_ps(b.add(kk * 32));
                 let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
@@ -627,11 +676,17 @@ impl TileKernel<32> for Avx512Tile {
                     acc[1] = _mm512_fmadd_ps(av, b1, acc[1]);
                 }
             }
-            let bias0 = _mm512_loadu_ps(bias);
-            let bias1 = _mm512_loadu_ps(bias.add(16));
+            if !bias.is_null() {
+                let bias0 = _mm512_loadu_ps(bias);
+                let bias1 = _mm512_loadu_ps(bias.add(16));
+                for acc in acc.iter_mut() {
+                    acc[0] = _mm512_add_ps(acc[0], bias0);
+                    acc[1] = _mm512_add_ps(acc[1], bias1);
+                }
+            }
             for (r, acc) in acc.iter().enumerate() {
-                _mm512_storeu_ps(c.add(r * ldc), _mm512_add_ps(acc[0], bias0));
-                _mm512_storeu_ps(c.add(r * ldc + 16), _mm512_add_ps(acc[1], bias1));
+                _mm512_storeu_ps(c.add(r * ldc), acc[0]);
+                _mm512_storeu_ps(c.add(r * ldc + 16), acc[1]);
             }
         }
     }
@@ -650,6 +705,7 @@ impl TileKernel<16> for Avx2Tile {
         lda: usize,
         b: *const f32,
         k: usize,
+        accumulate: bool,
         bias: *const f32,
         c: *mut f32,
         ldc: usize,
@@ -659,6 +715,12 @@ impl TileKernel<16> for Avx2Tile {
         unsafe {
             let zero = _mm256_setzero_ps();
             let mut acc = [[zero; 2]; TILE_ROWS];
+            if accumulate {
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    acc[0] = _mm256_loadu_ps(c.add(r * ldc));
+                    acc[1] = _mm256_loadu_ps(c.add(r * ldc + 8));
+                }
+            }
             for kk in 0..k {
                 let b0 = _mm256_loadu_ps(b.add(kk * 16));
                 let b1 = _mm256_loadu_ps(b.add(kk * 16 + 8));
@@ -668,11 +730,17 @@ impl TileKernel<16> for Avx2Tile {
                     acc[1] = _mm256_fmadd_ps(av, b1, acc[1]);
                 }
             }
-            let bias0 = _mm256_loadu_ps(bias);
-            let bias1 = _mm256_loadu_ps(bias.add(8));
+            if !bias.is_null() {
+                let bias0 = _mm256_loadu_ps(bias);
+                let bias1 = _mm256_loadu_ps(bias.add(8));
+                for acc in acc.iter_mut() {
+                    acc[0] = _mm256_add_ps(acc[0], bias0);
+                    acc[1] = _mm256_add_ps(acc[1], bias1);
+                }
+            }
             for (r, acc) in acc.iter().enumerate() {
-                _mm256_storeu_ps(c.add(r * ldc), _mm256_add_ps(acc[0], bias0));
-                _mm256_storeu_ps(c.add(r * ldc + 8), _mm256_add_ps(acc[1], bias1));
+                _mm256_storeu_ps(c.add(r * ldc), acc[0]);
+                _mm256_storeu_ps(c.add(r * ldc + 8), acc[1]);
             }
         }
     }
@@ -688,13 +756,19 @@ impl<const W: usize, F: MulAdd> TileKernel<W> for Generic<F> {
         lda: usize,
         b: *const f32,
         k: usize,
+        accumulate: bool,
         bias: *const f32,
         c: *mut f32,
         ldc: usize,
     ) {
         for r in 0..TILE_ROWS {
             for j in 0..W {
-                let mut acc = 0f32;
+                // SAFETY: the caller's contract.
+                let mut acc = if accumulate {
+                    unsafe { *c.add(r * ldc + j) }
+                } else {
+                    0.0
+                };
                 for kk in 0..k {
                     // SAFETY: the caller's contract.
                     acc = F::mul_add(
@@ -703,8 +777,12 @@ impl<const W: usize, F: MulAdd> TileKernel<W> for Generic<F> {
                         acc,
                     );
                 }
+                if !bias.is_null() {
+                    // SAFETY: the caller's contract.
+                    acc += unsafe { *bias.add(j) };
+                }
                 // SAFETY: the caller's contract.
-                unsafe { *c.add(r * ldc + j) = acc + *bias.add(j) };
+                unsafe { *c.add(r * ldc + j) = acc };
             }
         }
     }
@@ -823,6 +901,9 @@ mod tests {
             check(&[203, 40], 70, false, width);
             check(&[2, 97, 33], 64, true, width);
             check(&[300, 128], 32, true, width);
+            // Rows summed in slices of k (partial sums kept in the output between them).
+            check(&[97, 320], 64, false, width);
+            check(&[37, 700], 48, true, width);
         }
     }
 

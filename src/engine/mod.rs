@@ -11,6 +11,7 @@
 
 mod attention;
 mod conv1x1;
+mod conv3x3;
 mod depthwise;
 mod fast_ops;
 mod half;
@@ -190,7 +191,8 @@ impl Fusions {
 /// products ([`linear_int8::fuse_qdq`]); channel-axis layer norms; attention subgraphs
 /// ([`attention::fuse`]), windowed ones on the token grid without their partition
 /// ([`window_attention::fuse`]; `SAMRT_WINDOW_ATTENTION=0`); linear layers and 1x1 convolutions where samrt's AVX-512 kernels run
-/// ([`linear::fuse`], [`conv1x1::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`), int8 linear
+/// ([`linear::fuse`], [`conv1x1::fuse`], [`conv3x3::fuse`]; `SAMRT_LINEAR=0`, `SAMRT_CONV1X1=0`,
+/// `SAMRT_CONV3X3=0`), int8 linear
 /// layers where its VNNI kernel runs ([`linear_int8::fuse`], [`linear_int8::fuse_qdq`];
 /// `SAMRT_LINEAR_INT8=0`). (The decoder's
 /// channel norms stay tract's: with samrt's, the service's resident memory grew frame after
@@ -242,6 +244,9 @@ fn parse_onnx_with(path: &Path, bytes: &[u8], fusions: Fusions) -> Result<(Infer
             linear::fuse(graph);
             if std::env::var("SAMRT_CONV1X1").map_or(true, |v| v != "0") {
                 conv1x1::fuse(graph);
+            }
+            if std::env::var("SAMRT_CONV3X3").map_or(true, |v| v != "0") {
+                conv3x3::fuse(graph);
             }
         }
         if upscale {

@@ -79,6 +79,8 @@ pub(crate) use dispatch_isa;
 
 /// Multiply-add, fused where the instruction set has it.
 pub trait MulAdd {
+    /// Whether `mul_add` is one fused instruction (the kernels compiled for FMA).
+    const FUSED: bool;
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
 
@@ -86,6 +88,7 @@ pub trait MulAdd {
 #[allow(dead_code)]
 pub struct Fused;
 impl MulAdd for Fused {
+    const FUSED: bool = true;
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
@@ -96,6 +99,7 @@ impl MulAdd for Fused {
 /// `fma` call would be far slower than a multiply and an add).
 pub struct Baseline;
 impl MulAdd for Baseline {
+    const FUSED: bool = false;
     #[inline(always)]
     fn mul_add(a: f32, b: f32, c: f32) -> f32 {
         if cfg!(any(target_arch = "aarch64", target_feature = "fma")) {
@@ -231,4 +235,67 @@ mod tests {
         erf_and_gelu_match_f64_with::<Baseline>();
         erf_and_gelu_match_f64_with::<Fused>();
     }
+}
+
+/// A zero-initialized buffer whose first element sits on a cache-line (64-byte) boundary, for
+/// data the kernels load 64 bytes at a time: a load that straddles two lines costs Intel cores
+/// a second load (a `Vec` of a few hundred KB comes from `mmap` 16 bytes past a page start).
+#[derive(Clone)]
+pub struct AlignedVec<T> {
+    buf: Vec<T>,
+    start: usize,
+    len: usize,
+}
+
+impl<T: Copy + Default> AlignedVec<T> {
+    pub const ALIGN: usize = 64;
+
+    pub fn zeroed(len: usize) -> Self {
+        let spare = Self::ALIGN / std::mem::size_of::<T>().max(1);
+        let buf = vec![T::default(); len + spare];
+        let start = buf.as_ptr().align_offset(Self::ALIGN);
+        assert!(
+            start <= spare,
+            "AlignedVec: element size does not divide the alignment"
+        );
+        AlignedVec { buf, start, len }
+    }
+}
+
+impl<T> std::ops::Deref for AlignedVec<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl<T> std::ops::DerefMut for AlignedVec<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl<T: PartialEq> PartialEq for AlignedVec<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl<T: std::fmt::Debug> std::fmt::Debug for AlignedVec<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AlignedVec[{}]", self.len)
+    }
+}
+
+/// Asks the CPU to bring the cache line holding `ptr` into L1 ahead of its use (a hint: never
+/// faults, a no-op where there is no such instruction).
+#[inline(always)]
+pub fn prefetch<T>(ptr: *const T) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetching has no architectural effect and never faults.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(ptr as *const i8)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = ptr;
 }
