@@ -1064,6 +1064,12 @@ unsafe fn task_avx512(
     out: OutPtr,
     units: std::ops::Range<usize>,
 ) {
+    // A few keys and a narrow value (the decoder's image-to-token attention: 7 tokens, heads of
+    // 16): 16 lanes (256-bit tiles, which AVX-512 CPUs run) pad a score row and a value row to
+    // half of what 32 do.
+    if g.window.is_none() && g.keys <= 16 && g.depth_v <= 16 {
+        return unsafe { task_body::<16, Fused>(g, scale, data, out, units) };
+    }
     unsafe { task_body::<32, Fused>(g, scale, data, out, units) }
 }
 
@@ -1298,6 +1304,9 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
     if let Some(window) = &g.window {
         return unsafe { window_body::<W, F>(g, window, scale, data, out, units) };
     }
+    if few_keys(g) {
+        return unsafe { few_keys_body::<F>(g, scale, data, out, units) };
+    }
     let rank = g.batch.len() + 2;
     let (d, nk, dv) = (g.depth, g.keys, g.depth_v);
     let nk_pad = round_up(nk, W);
@@ -1321,9 +1330,11 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
     let (o_row, o_col) = (g.out[rank - 2], g.out[rank - 1]);
 
     // q rows are read in place when contiguous (whole tiles; a last partial tile is copied and
-    // zero-padded), and v rows when contiguous and a whole number of tiles wide.
+    // zero-padded), and v rows when contiguous and either a whole number of tiles wide or
+    // followed by other values to read the rest of a tile from (the next head's, say: they
+    // only make output columns past dv, which are not stored).
     let q_in_place = q_col == 1;
-    let v_in_place = v_col == 1 && dv % W == 0;
+    let mut v_in_place = false;
     let mut loaded = None;
     for unit in units {
         let (b, chunk) = (unit / row_units, unit % row_units);
@@ -1368,6 +1379,8 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
                     );
                 }
             }
+            let v_reach = v_base as usize + nk.saturating_sub(1) * v_row as usize + dv_pad;
+            v_in_place = v_col == 1 && (dv % W == 0 || v_reach <= v.len());
             if !v_in_place {
                 for n in 0..nk {
                     let dst = &mut vp[n * dv_pad..n * dv_pad + dv];
@@ -1439,7 +1452,7 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
                     &mut o,
                     dv_pad,
                     padded,
-                    dv,
+                    dv_pad,
                 );
             } else {
                 matmul::<W, F>(&s, nk_pad, &vp, dv_pad, nk, &mut o, dv_pad, padded, dv_pad);
@@ -1458,6 +1471,132 @@ unsafe fn task_body<const W: usize, F: MulAdd>(
                         // SAFETY: as above.
                         unsafe { *out.0.offset(dst + c as isize * o_col) = x * inv };
                     }
+                }
+            }
+            start += count;
+        }
+    }
+}
+
+/// Lanes of [`few_keys_body`]: query rows at a time, and the head width it takes.
+const FEW: usize = 16;
+
+/// Whether [`few_keys_body`] takes this attention: no bias, at most [`FEW`] keys, heads of
+/// [`FEW`] values, q and output rows contiguous (SAM's image-to-token attention: 4096 image
+/// tokens attending to the prompt's 5–10 tokens in heads of 16).
+fn few_keys(g: &Geometry) -> bool {
+    let rank = g.batch.len() + 2;
+    matches!(g.bias, BiasGeometry::None)
+        && g.keys <= FEW
+        && g.depth == FEW
+        && g.depth_v == FEW
+        && g.q[rank - 1] == 1
+        && g.out[rank - 1] == 1
+}
+
+/// One task of an attention with few keys (see [`few_keys`]), [`FEW`] queries at a time with
+/// the queries along the vector lanes: the scores of each key, the softmax over keys and the
+/// weighted sum of values are lane-wise operations, with no padding of the keys to a tile
+/// width and no horizontal sums. Each query's sums run in a fixed order (results do not depend
+/// on the split).
+///
+/// # Safety
+/// `out` is the output of `g.out_shape`; no other task writes the same units.
+#[inline(always)]
+unsafe fn few_keys_body<F: MulAdd>(
+    g: &Geometry,
+    scale: f32,
+    data: &[&[f32]],
+    out: OutPtr,
+    units: std::ops::Range<usize>,
+) {
+    let rank = g.batch.len() + 2;
+    let nk = g.keys;
+    let (q, k, v) = (data[0], data[1], data[2]);
+    let q_row = g.q[rank - 2];
+    let (k_row, k_col) = (g.k[rank - 2], g.k[rank - 1]);
+    let (v_row, v_col) = (g.v[rank - 2], g.v[rank - 1]);
+    let o_row = g.out[rank - 2];
+    let row_units = g.queries.div_ceil(TASK_ROWS);
+    // Key n's values (kᵀ's column n) and value row n, for the batch entry loaded.
+    let mut keys = [[0f32; FEW]; FEW];
+    let mut values = [[0f32; FEW]; FEW];
+    let mut loaded = None;
+    for unit in units {
+        let (b, chunk) = (unit / row_units, unit % row_units);
+        if loaded != Some(b) {
+            loaded = Some(b);
+            let k_base = batch_offset(&g.batch, &g.k, b);
+            let v_base = batch_offset(&g.batch, &g.v, b);
+            for n in 0..nk {
+                for c in 0..FEW {
+                    keys[n][c] = k[(k_base + c as isize * k_row + n as isize * k_col) as usize];
+                    values[n][c] = v[(v_base + n as isize * v_row + c as isize * v_col) as usize];
+                }
+            }
+        }
+        let q_base = batch_offset(&g.batch, &g.q, b);
+        let o_base = batch_offset(&g.batch, &g.out, b);
+        let rows = chunk * TASK_ROWS..((chunk + 1) * TASK_ROWS).min(g.queries);
+        let mut start = rows.start;
+        while start < rows.end {
+            let count = FEW.min(rows.end - start);
+            // qᵀ: row c holds value c of each query (lane = query).
+            let mut qt = [[0f32; FEW]; FEW];
+            for r in 0..count {
+                let at = (q_base + (start + r) as isize * q_row) as usize;
+                let row: &[f32; FEW] = q[at..at + FEW].try_into().unwrap();
+                for c in 0..FEW {
+                    qt[c][r] = row[c];
+                }
+            }
+            let mut scores = [[0f32; FEW]; FEW];
+            for n in 0..nk {
+                let mut acc = [0f32; FEW];
+                for c in 0..FEW {
+                    let kv = keys[n][c];
+                    for (a, &x) in acc.iter_mut().zip(&qt[c]) {
+                        *a = F::mul_add(x, kv, *a);
+                    }
+                }
+                for (s, a) in scores[n].iter_mut().zip(acc) {
+                    *s = a * scale;
+                }
+            }
+            let mut max = scores[0];
+            for row in &scores[1..nk] {
+                for (m, &x) in max.iter_mut().zip(row) {
+                    *m = if x > *m { x } else { *m };
+                }
+            }
+            let mut sum = [0f32; FEW];
+            for row in &mut scores[..nk] {
+                for ((x, &m), s) in row.iter_mut().zip(&max).zip(sum.iter_mut()) {
+                    *x = exp_nonpositive::<F>(*x - m);
+                    *s += *x;
+                }
+            }
+            let inv = sum.map(|s| 1.0 / s);
+            // Output column c of each query: Σₙ pₙ · values[n][c], then / Σ.
+            let mut o = [[0f32; FEW]; FEW];
+            for (c, o) in o.iter_mut().enumerate() {
+                let mut acc = [0f32; FEW];
+                for (p, value) in scores[..nk].iter().zip(&values) {
+                    let vv = value[c];
+                    for (a, &x) in acc.iter_mut().zip(p) {
+                        *a = F::mul_add(x, vv, *a);
+                    }
+                }
+                for ((y, a), i) in o.iter_mut().zip(acc).zip(inv) {
+                    *y = a * i;
+                }
+            }
+            for r in 0..count {
+                let dst = o_base + (start + r) as isize * o_row;
+                // SAFETY: inside the output; this task alone writes these rows.
+                let dst = unsafe { std::slice::from_raw_parts_mut(out.0.offset(dst), FEW) };
+                for (c, y) in dst.iter_mut().enumerate() {
+                    *y = o[c][r];
                 }
             }
             start += count;
@@ -1946,6 +2085,33 @@ mod tests {
                 "{queries} queries x {keys} keys, 8 heads of 16: {:.3} ms",
                 best * 1e3
             );
+        }
+    }
+
+    #[test]
+    fn few_keys_attention_of_the_decoder() {
+        // SAM's image-to-token attention: many queries, the prompt's few tokens as keys,
+        // heads of 16, q/k/v given token-major with their transposes absorbed.
+        for (queries, keys, out_perm) in
+            [(37, 7, vec![]), (600, 16, vec![0, 2, 1, 3]), (5, 1, vec![])]
+        {
+            let op = Attention {
+                q_perm: vec![0, 2, 1, 3],
+                k_perm: vec![0, 2, 3, 1],
+                v_perm: vec![0, 2, 1, 3],
+                out_perm,
+                scale: 0.25,
+                bias: BiasKind::None,
+                window: None,
+            };
+            let shapes = vec![
+                vec![2, queries, 8, 16],
+                vec![2, keys, 8, 16],
+                vec![2, keys, 8, 16],
+            ];
+            let refs: Vec<&[usize]> = shapes.iter().map(|s| s.as_slice()).collect();
+            assert!(few_keys(&op.geometry(&refs).unwrap()));
+            check(&op, shapes, None);
         }
     }
 
