@@ -1503,6 +1503,7 @@ fn few_keys(g: &Geometry) -> bool {
 /// # Safety
 /// `out` is the output of `g.out_shape`; no other task writes the same units.
 #[inline(always)]
+#[allow(clippy::needless_range_loop)] // (query r of a block is lane r of each array)
 unsafe fn few_keys_body<F: MulAdd>(
     g: &Geometry,
     scale: f32,
