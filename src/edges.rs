@@ -8,7 +8,7 @@ use image::{GrayImage, RgbImage};
 
 use crate::amg::{build_point_grid, mask_to_box, nms, BoxXyxy};
 use crate::error::Result;
-use crate::parallel::{parallel_map, parallel_parts};
+use crate::parallel::{parallel_map, parallel_parts, PROMPTS_PER_BATCH};
 use crate::postprocess::{upscale_logits, Mask, MASK_THRESHOLD};
 use crate::predictor::{Embedding, SamPredictor};
 use crate::prompt::Prompt;
@@ -168,10 +168,6 @@ impl Accumulator {
         }
     }
 }
-
-/// Grid points decoded per batch (split over the threads): bounds the decoder outputs held at
-/// once (1 MB of low-resolution logits a point), as Meta's `points_per_batch` does.
-const PROMPTS_PER_BATCH: usize = 64;
 
 fn probability(
     predictor: &SamPredictor,

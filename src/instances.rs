@@ -6,7 +6,7 @@
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::parallel::parallel_parts;
+use crate::parallel::{parallel_parts, PROMPTS_PER_BATCH};
 use crate::predictor::{Embedding, MaskOutput, SamPredictor};
 use crate::preprocess::Size;
 use crate::prompt::{BoxPrompt, Prompt};
@@ -141,9 +141,6 @@ impl Instance {
     }
 }
 
-/// Boxes decoded per batch (split over the threads): bounds the full-resolution masks held at once.
-const BOXES_PER_BATCH: usize = 64;
-
 /// Segments every detection against one embedding, on `threads` threads, in input order.
 pub fn segment_detections(
     predictor: &SamPredictor,
@@ -163,7 +160,7 @@ pub fn segment_detections(
     // Batches of boxes (bounding the masks held at once), one part of each per thread, each
     // part's boxes decoded together.
     let mut instances = Vec::with_capacity(detections.len());
-    for batch in indices.chunks(BOXES_PER_BATCH) {
+    for batch in indices.chunks(PROMPTS_PER_BATCH) {
         instances.extend(parallel_parts(batch, threads, |part| {
             let prompts: Vec<Prompt> = part
                 .iter()

@@ -45,6 +45,11 @@ pub fn parallel_map<T: Sync, R: Send>(
     })
 }
 
+/// Prompts decoded per batch by the grid and box tasks (`edges`, `instances`; split over the
+/// threads with [`parallel_parts`]): bounds the decoder outputs and masks held at once (1 MB of
+/// low-resolution logits a prompt), as Meta's `points_per_batch` does.
+pub const PROMPTS_PER_BATCH: usize = 64;
+
 /// Splits `items` into one contiguous part per thread (up to `threads`), runs `f` on each part
 /// (a part's prompts decoded together) and returns the parts' results concatenated in item order.
 pub fn parallel_parts<T: Sync, R: Send>(

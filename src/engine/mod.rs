@@ -686,7 +686,7 @@ fn default_decoder_batch() -> usize {
     match std::env::var("SAMRT_DECODER_BATCH") {
         Err(_) => 1,
         Ok(v) => match v.parse::<usize>() {
-            Ok(b) if b.is_power_of_two() && b <= MAX_DECODER_BATCH => b,
+            Ok(b) if valid_decoder_batch(b) => b,
             _ => {
                 log::warn!(
                     "SAMRT_DECODER_BATCH={v} ignored: a power of two from 1 to {MAX_DECODER_BATCH}"
@@ -695,6 +695,12 @@ fn default_decoder_batch() -> usize {
             }
         },
     }
+}
+
+/// A decoder batch samrt builds plans for: a power of two up to [`MAX_DECODER_BATCH`] (so that
+/// [`batch_sizes`] needs few plans).
+fn valid_decoder_batch(batch: usize) -> bool {
+    batch.is_power_of_two() && batch <= MAX_DECODER_BATCH
 }
 
 /// Batch sizes `n` prompts are decoded in: `max` (a power of two) while that many are left, then
@@ -1122,7 +1128,7 @@ impl MaskDecoder {
     /// How many prompts [`Self::decode_batch`] runs in one decoder call at most: a power of two
     /// up to [`MAX_DECODER_BATCH`] (default 1, see `SAMRT_DECODER_BATCH`).
     pub fn set_max_batch(&mut self, batch: usize) -> Result<()> {
-        if !batch.is_power_of_two() || batch > MAX_DECODER_BATCH {
+        if !valid_decoder_batch(batch) {
             return Err(Error::Inference(format!(
                 "a decoder batch of {batch}: use a power of two from 1 to {MAX_DECODER_BATCH}"
             )));

@@ -79,7 +79,9 @@ pub(crate) use dispatch_isa;
 
 /// Multiply-add, fused where the instruction set has it.
 pub trait MulAdd {
-    /// Whether `mul_add` is one fused instruction (the kernels compiled for FMA).
+    /// Whether `mul_add` is one fused instruction (the kernels compiled for FMA; read where
+    /// x86_64's kernels pick their intrinsics).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const FUSED: bool;
     fn mul_add(a: f32, b: f32, c: f32) -> f32;
 }
