@@ -174,28 +174,8 @@ impl Expansion for Conv1x1Expansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let x = model.outlet_fact(inputs[0])?.clone();
-        let w = model
-            .outlet_fact(inputs[1])?
-            .konst
-            .clone()
-            .context("SamrtConv1x1: the weights must be constant")?;
-        ensure!(
-            x.datum_type == f32::datum_type() && w.datum_type() == f32::datum_type(),
-            "SamrtConv1x1: f32 only"
-        );
+        let (w, bias) = conv_weights(OP_TYPE, model, inputs)?;
         let (o, c) = (w.shape()[0], w.shape()[1]);
-        let bias = match inputs.get(2) {
-            Some(b) => {
-                let b = model
-                    .outlet_fact(*b)?
-                    .konst
-                    .clone()
-                    .context("SamrtConv1x1: the bias must be constant")?;
-                b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
-            }
-            None => vec![0.0; o],
-        };
         let op = Conv1x1::new(
             w.try_as_plain_ram()?.as_slice::<f32>()?,
             &bias,
@@ -205,6 +185,38 @@ impl Expansion for Conv1x1Expansion {
         );
         model.wire_node(prefix, op, &inputs[..1])
     }
+}
+
+/// A fused convolution's constant f32 weights `[O, C, ..]` and its bias (zeros without one),
+/// from inputs 1 and 2 of node `op` (input 0 must be f32 too).
+pub(super) fn conv_weights(
+    op: &str,
+    model: &TypedModel,
+    inputs: &[OutletId],
+) -> TractResult<(Arc<Tensor>, Vec<f32>)> {
+    let x = model.outlet_fact(inputs[0])?;
+    let w = model
+        .outlet_fact(inputs[1])?
+        .konst
+        .clone()
+        .with_context(|| format!("{op}: the weights must be constant"))?;
+    ensure!(
+        x.datum_type == f32::datum_type() && w.datum_type() == f32::datum_type(),
+        "{op}: f32 only"
+    );
+    let o = w.shape()[0];
+    let bias = match inputs.get(2) {
+        Some(b) => {
+            let b = model
+                .outlet_fact(*b)?
+                .konst
+                .clone()
+                .with_context(|| format!("{op}: the bias must be constant"))?;
+            b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
+        }
+        None => vec![0.0; o],
+    };
+    Ok((w, bias))
 }
 
 // ---------------------------------------------------------------------------------------------

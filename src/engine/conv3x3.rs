@@ -21,7 +21,9 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
-use super::linear::{gemm, panel_width, PackedWeights};
+use super::conv1x1::conv_weights;
+use super::linear::{gelu_after, gelu_attribute, gemm, panel_width, PackedWeights};
+use super::onnx_graph::GraphIndex;
 use super::vector_math::AlignedVec;
 
 /// The ONNX operator type of a fused 3x3 convolution (samrt's domain).
@@ -39,27 +41,17 @@ const BLOCK_PIXELS: usize = 96;
 /// with the `SamrtGelu` it feeds alone if any, by one `SamrtConv3x3` node; returns how many. Run
 /// after [`super::depthwise::fuse`] (which makes the GELUs and takes the depthwise ones).
 pub fn fuse(graph: &mut pb::GraphProto) -> usize {
-    let nodes = &graph.node;
-    let mut consumers: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, node) in nodes.iter().enumerate() {
-        for input in &node.input {
-            consumers.entry(input).or_default().push(i);
-        }
-    }
-    let graph_outputs: HashSet<&str> = graph.output.iter().map(|o| o.name.as_str()).collect();
-    let initializers: HashMap<&str, &pb::TensorProto> = graph
-        .initializer
-        .iter()
-        .map(|t| (t.name.as_str(), t))
-        .collect();
+    let index = GraphIndex::new(graph);
     let float = |name: &str| {
-        initializers
+        index
+            .initializers
             .get(name)
+            .copied()
             .filter(|t| t.data_type == pb::tensor_proto::DataType::Float as i32)
     };
     let mut removed: HashSet<usize> = HashSet::new();
     let mut fused: HashMap<usize, NodeProto> = HashMap::new();
-    for (conv_ix, conv) in nodes.iter().enumerate() {
+    for (conv_ix, conv) in index.nodes.iter().enumerate() {
         if conv.op_type != "Conv" || !conv.domain.is_empty() || !(2..=3).contains(&conv.input.len())
         {
             continue;
@@ -75,53 +67,25 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
                 continue;
             }
         }
-        let mut stride = 1;
-        let mut padded = false;
-        let plain = conv.attribute.iter().all(|a| match a.name.as_str() {
-            "group" => a.i == 1,
-            "kernel_shape" => a.ints == [3, 3],
-            "dilations" => a.ints.iter().all(|&v| v == 1),
-            "strides" => match a.ints.as_slice() {
-                [s, t] if s == t && (*s == 1 || *s == 2) => {
-                    stride = *s;
-                    true
-                }
-                _ => false,
-            },
-            "pads" => {
-                padded = a.ints == [1, 1, 1, 1];
-                padded
-            }
-            "auto_pad" => a.s.is_empty() || a.s == b"NOTSET",
-            _ => false,
-        });
-        if !plain || !padded {
+        let Some(stride) = stride_of(conv) else {
             continue;
-        }
-        let y = &conv.output[0];
-        let gelu = match consumers.get(y.as_str()).map(|c| c.as_slice()) {
-            Some([only])
-                if !graph_outputs.contains(y.as_str())
-                    && nodes[*only].op_type == super::depthwise::GELU_OP
-                    && nodes[*only].domain == DOMAIN =>
-            {
-                Some(*only)
-            }
-            _ => None,
         };
-        let int = |name: &str, i: i64| AttributeProto {
-            name: name.into(),
-            r#type: AttributeType::Int as i32,
-            i,
-            ..Default::default()
-        };
+        let (gelu, output) = gelu_after(&index, conv_ix);
         let node = NodeProto {
             name: format!("{}.samrt_conv3x3", conv.name),
             op_type: OP_TYPE.into(),
             domain: DOMAIN.into(),
             input: conv.input.clone(),
-            output: vec![gelu.map_or(y.clone(), |g| nodes[g].output[0].clone())],
-            attribute: vec![int("gelu", gelu.is_some() as i64), int("stride", stride)],
+            output: vec![output.to_string()],
+            attribute: vec![
+                gelu_attribute(gelu.is_some()),
+                AttributeProto {
+                    name: "stride".into(),
+                    r#type: AttributeType::Int as i32,
+                    i: stride,
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         };
         removed.insert(conv_ix);
@@ -131,6 +95,32 @@ pub fn fuse(graph: &mut pb::GraphProto) -> usize {
     let count = fused.len();
     super::layer_norm::splice(graph, fused, &removed);
     count
+}
+
+/// The stride of a 3x3 `Conv` this operator takes (1 or 2 on both axes, padding 1 on every
+/// side, no dilation, one group), or None.
+fn stride_of(conv: &NodeProto) -> Option<i64> {
+    let mut stride = 1;
+    let mut padded = false;
+    let plain = conv.attribute.iter().all(|a| match a.name.as_str() {
+        "group" => a.i == 1,
+        "kernel_shape" => a.ints == [3, 3],
+        "dilations" => a.ints.iter().all(|&v| v == 1),
+        "strides" => match a.ints.as_slice() {
+            [s, t] if s == t && (*s == 1 || *s == 2) => {
+                stride = *s;
+                true
+            }
+            _ => false,
+        },
+        "pads" => {
+            padded = a.ints == [1, 1, 1, 1];
+            padded
+        }
+        "auto_pad" => a.s.is_empty() || a.s == b"NOTSET",
+        _ => false,
+    });
+    (plain && padded).then_some(stride)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -204,28 +194,8 @@ impl Expansion for Conv3x3Expansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let x = model.outlet_fact(inputs[0])?.clone();
-        let w = model
-            .outlet_fact(inputs[1])?
-            .konst
-            .clone()
-            .context("SamrtConv3x3: the weights must be constant")?;
-        ensure!(
-            x.datum_type == f32::datum_type() && w.datum_type() == f32::datum_type(),
-            "SamrtConv3x3: f32 only"
-        );
+        let (w, bias) = conv_weights(OP_TYPE, model, inputs)?;
         let (o, c) = (w.shape()[0], w.shape()[1]);
-        let bias = match inputs.get(2) {
-            Some(b) => {
-                let b = model
-                    .outlet_fact(*b)?
-                    .konst
-                    .clone()
-                    .context("SamrtConv3x3: the bias must be constant")?;
-                b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec()
-            }
-            None => vec![0.0; o],
-        };
         let op = Conv3x3::new(
             w.try_as_plain_ram()?.as_slice::<f32>()?,
             &bias,
