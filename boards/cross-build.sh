@@ -243,7 +243,8 @@ PY
 # The emulated subset, per CPU model. Emulated tract matmuls run ~100-250x slower than native, so
 # no encoder (minutes per image): not parity, cli, quality, zero_shot, vit_b. What runs (times
 # per CPU model measured on a 2-core shared x86_64 host):
-#   --lib                 unit tests (pre/postprocessing, RLE, AMG, prompts; no model)      ~1 s
+#   --lib                 unit tests (pre/postprocessing, RLE, AMG, prompts; samrt's operators
+#                         on the default model against tract's)                            ~15 min
 #   tests/aarch64_decoder the real decoder on a stored embedding vs the x86 onnxruntime
 #                         reference, and which tract kernel family was picked               ~75 s
 #   tests/jpeg_decode     the vendored libjpeg-turbo C, cross-compiled: Pillow bit for bit  ~1 s
@@ -254,10 +255,16 @@ PY
 #   samrt models verify   the CLI binary: sha256 of the packaged model
 # Skipped: the two tests that spawn the samrt binary themselves (Command::new of an aarch64
 # executable needs binfmt_misc, which a CI container lacks; cargo's runner only wraps the test
-# binaries).
+# binaries); and three unit tests of the decoder's plan cache (specialized plans against the
+# symbolic one, the image stage run once per embedding, batched prompt sets against one by one):
+# they check which plans are built and reused, the same logic on every architecture, and each
+# builds several decoder plans, minutes apiece under emulation (the host runs them).
 QEMU_TESTS=(--lib --test aarch64_decoder --test jpeg_decode --test pil_resize --test quant --test f16
             --test detector --test model_errors)
-QEMU_SKIP=(--skip damaged_jpegs_fail_cleanly_in_the_cli --skip instances_from_the_on_board_detector)
+QEMU_SKIP=(--skip damaged_jpegs_fail_cleanly_in_the_cli --skip instances_from_the_on_board_detector
+           --skip engine::tests::specialized_decoder_plans_match_the_symbolic_plan
+           --skip engine::tests::image_stage_runs_once_per_embedding
+           --skip engine::tests::batched_prompts_match_one_by_one)
 TEST_ARGS=(--release --locked --target "$TARGET" --features board)
 run_tests() {
     step "build the emulated tests"
