@@ -293,14 +293,15 @@ impl TypedOp for Conv1x1 {
     as_op!();
 }
 
+/// An output pointer shared by a fused convolution's tasks (each writes its own pixels).
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(pub(super) *mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// The pointer `offset` values in (a method, so that closures capture the whole `OutPtr`).
-    fn at(self, offset: usize) -> *mut f32 {
+    pub(super) fn at(self, offset: usize) -> *mut f32 {
         self.0.wrapping_add(offset)
     }
 }

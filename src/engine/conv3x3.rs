@@ -21,7 +21,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
-use super::conv1x1::conv_weights;
+use super::conv1x1::{conv_weights, OutPtr};
 use super::linear::{gelu_after, gelu_attribute, gemm, panel_width, PackedWeights};
 use super::onnx_graph::GraphIndex;
 use super::vector_math::AlignedVec;
@@ -328,18 +328,6 @@ impl TypedOp for Conv3x3 {
     }
 
     as_op!();
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// The pointer `offset` values in (a method, so that closures capture the whole `OutPtr`).
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
 }
 
 impl EvalOp for Conv3x3 {
