@@ -777,6 +777,19 @@ enum BiasGeometry {
 }
 
 impl Attention {
+    /// The scale of attention over heads split from the projections' rows, without a bias or
+    /// windows: q `[b, queries, heads, d]`, k and v `[b, keys, heads, d]` read as
+    /// `[b, heads, ..]` (kᵀ as `[b, heads, d, keys]`), the output `[b, heads, queries, d]`.
+    pub(super) fn split_heads_scale(&self) -> Option<f32> {
+        let plain = self.bias == BiasKind::None
+            && self.window.is_none()
+            && self.q_perm == [0, 2, 1, 3]
+            && self.k_perm == [0, 2, 3, 1]
+            && self.v_perm == [0, 2, 1, 3]
+            && self.out_perm.is_empty();
+        plain.then_some(self.scale)
+    }
+
     /// Checks the shapes of one call's inputs and lays out its strides.
     fn geometry(&self, shapes: &[&[usize]]) -> TractResult<Geometry> {
         if let Some(window) = self.window {

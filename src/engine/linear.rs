@@ -304,10 +304,10 @@ impl PackedWeights {
     pub(super) fn new(weights: &[f32], bias: &[f32], k: usize, n: usize, width: usize) -> Self {
         let panels = n.div_ceil(width);
         let mut data = AlignedVec::zeroed(panels * k * width);
-        for (kk, row) in weights.chunks_exact(n).enumerate().take(k) {
-            for (col, &v) in row.iter().enumerate() {
-                let (p, j) = (col / width, col % width);
-                data[(p * k + kk) * width + j] = v;
+        for (p, panel) in data.chunks_exact_mut((k * width).max(1)).enumerate() {
+            let (col, cols) = (p * width, width.min(n - p * width));
+            for (kk, dst) in panel.chunks_exact_mut(width).enumerate() {
+                dst[..cols].copy_from_slice(&weights[kk * n + col..kk * n + col + cols]);
             }
         }
         let mut padded = AlignedVec::zeroed(panels * width);
@@ -371,6 +371,38 @@ impl Linear {
             gelu,
             residual: false,
         }
+    }
+
+    /// `W` row-major `[k, n]` and `b`, of a layer without GELU or residual.
+    pub(super) fn plain_weights(&self) -> Option<(Vec<f32>, Vec<f32>, usize, usize)> {
+        if self.gelu || self.residual {
+            return None;
+        }
+        Some(self.weights())
+    }
+
+    /// Whether the layer adds a second input of its output's shape (and applies no GELU).
+    pub(super) fn plain_with_residual(&self) -> Option<bool> {
+        (!self.gelu).then_some(self.residual)
+    }
+
+    /// `W` row-major `[k, n]`, `b`, `k` and `n`.
+    pub(super) fn weights(&self) -> (Vec<f32>, Vec<f32>, usize, usize) {
+        let PackedWeights {
+            k,
+            n,
+            width,
+            data,
+            bias,
+        } = &*self.weights;
+        let (k, n, width) = (*k, *n, *width);
+        let mut w = vec![0.0; k * n];
+        for (col, p) in (0..n).map(|col| (col, col / width)) {
+            for kk in 0..k {
+                w[kk * n + col] = data[(p * k + kk) * width + col % width];
+            }
+        }
+        (w, bias[..n].to_vec(), k, n)
     }
 
     /// The layer plus a residual input of the output's shape.
@@ -480,8 +512,61 @@ impl EvalOp for Linear {
 // ---------------------------------------------------------------------------------------------
 // The computation.
 
+/// The weights one product reads: packed panels with their bias, or a row-major `[k, n]` matrix
+/// read in place without one (`n` a multiple of the panel width).
+#[derive(Clone, Copy)]
+struct Weights<'a> {
+    data: &'a [f32],
+    /// Zero-padded to whole panels; empty for none.
+    bias: &'a [f32],
+    k: usize,
+    n: usize,
+    width: usize,
+    packed: bool,
+}
+
+impl<'a> Weights<'a> {
+    /// Rows `k0..` of panel `p` and their stride.
+    fn panel(&self, p: usize, k0: usize) -> (&'a [f32], usize) {
+        if self.packed {
+            let start = p * self.k * self.width + k0 * self.width;
+            (&self.data[start..], self.width)
+        } else {
+            (&self.data[k0 * self.n + p * self.width..], self.n)
+        }
+    }
+}
+
 /// `c[m x n] = a[m x k] · W + b` (then GELU), rows contiguous.
 pub(super) fn gemm(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [f32]) {
+    let weights = Weights {
+        data: &w.data,
+        bias: &w.bias,
+        k: w.k,
+        n: w.n,
+        width: w.width,
+        packed: true,
+    };
+    gemm_weights(a, m, weights, gelu, c)
+}
+
+/// `c[m x n] = a[m x k] · b` with `b` row-major `[k, n]` read in place (not packed: for weights
+/// that change every call), `n` a multiple of [`panel_width`].
+pub(super) fn gemm_row_major(a: &[f32], m: usize, b: &[f32], k: usize, n: usize, c: &mut [f32]) {
+    let width = panel_width();
+    assert!(n.is_multiple_of(width) && b.len() >= k * n);
+    let weights = Weights {
+        data: b,
+        bias: &[],
+        k,
+        n,
+        width,
+        packed: false,
+    };
+    gemm_weights(a, m, weights, false, c)
+}
+
+fn gemm_weights(a: &[f32], m: usize, w: Weights<'_>, gelu: bool, c: &mut [f32]) {
     assert!(a.len() >= m * w.k && c.len() >= m * w.n);
     match (w.width, isa()) {
         #[cfg(target_arch = "x86_64")]
@@ -497,13 +582,13 @@ pub(super) fn gemm(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn gemm_avx512(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [f32]) {
+unsafe fn gemm_avx512(a: &[f32], m: usize, w: Weights<'_>, gelu: bool, c: &mut [f32]) {
     gemm_body::<32, Avx512Tile, Fused>(a, m, w, gelu, c)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn gemm_avx2(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [f32]) {
+unsafe fn gemm_avx2(a: &[f32], m: usize, w: Weights<'_>, gelu: bool, c: &mut [f32]) {
     gemm_body::<16, Avx2Tile, Fused>(a, m, w, gelu, c)
 }
 
@@ -522,7 +607,7 @@ fn k_slice(k: usize, width: usize) -> usize {
 fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
     a: &[f32],
     m: usize,
-    w: &PackedWeights,
+    w: Weights<'_>,
     gelu: bool,
     c: &mut [f32],
 ) {
@@ -538,10 +623,10 @@ fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
             let kc = slice.min(k - k0);
             let (first, last) = (k0 == 0, k0 + kc == k);
             for p in 0..panels {
-                let panel = &w.data[p * k * W + k0 * W..p * k * W + (k0 + kc) * W];
-                let bias = &w.bias[p * W..(p + 1) * W];
-                let bias = if last {
-                    bias.as_ptr()
+                let (panel, ldb) = w.panel(p, k0);
+                assert!(panel.len() >= (kc - 1) * ldb + W);
+                let bias = if last && !w.bias.is_empty() {
+                    w.bias[p * W..(p + 1) * W].as_ptr()
                 } else {
                     std::ptr::null()
                 };
@@ -556,7 +641,9 @@ fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
                             tail_a[r * k..r * k + kc]
                                 .copy_from_slice(&a[(row + r) * k + k0..(row + r) * k + k0 + kc]);
                         }
-                        tail_a[rows * k..].fill(0.0);
+                        for r in rows..TILE_ROWS {
+                            tail_a[r * k..r * k + kc].fill(0.0);
+                        }
                         &tail_a[..]
                     };
                     if rows == TILE_ROWS && cols == W {
@@ -569,6 +656,7 @@ fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
                                 src.as_ptr(),
                                 k,
                                 panel.as_ptr(),
+                                ldb,
                                 kc,
                                 !first,
                                 bias,
@@ -589,6 +677,7 @@ fn gemm_body<const W: usize, T: TileKernel<W>, F: MulAdd>(
                                 src.as_ptr(),
                                 k,
                                 panel.as_ptr(),
+                                ldb,
                                 kc,
                                 !first,
                                 bias,
@@ -622,13 +711,14 @@ fn gelu_of<F: MulAdd>(x: f32) -> f32 {
 /// (+ bias, unless `bias` is null) for [`TILE_ROWS`] rows, accumulated in the order of k.
 trait TileKernel<const W: usize> {
     /// # Safety
-    /// `a` holds TILE_ROWS rows of `lda` with `k` values, `b` `k` rows of `W`, `bias` null or
+    /// `a` holds TILE_ROWS rows of `lda` with `k` values, `b` `k` rows of `ldb` with `W` values, `bias` null or
     /// `W` values, `c` TILE_ROWS rows of `ldc` with `W` values.
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile(
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         k: usize,
         accumulate: bool,
         bias: *const f32,
@@ -650,6 +740,7 @@ impl TileKernel<32> for Avx512Tile {
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         k: usize,
         accumulate: bool,
         bias: *const f32,
@@ -668,8 +759,8 @@ impl TileKernel<32> for Avx512Tile {
                 }
             }
             for kk in 0..k {
-                let b0 = _mm512_loadu_ps(b.add(kk * 32));
-                let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
+                let b0 = _mm512_loadu_ps(b.add(kk * ldb));
+                let b1 = _mm512_loadu_ps(b.add(kk * ldb + 16));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_ps(*a.add(r * lda + kk));
                     acc[0] = _mm512_fmadd_ps(av, b0, acc[0]);
@@ -704,6 +795,7 @@ impl TileKernel<16> for Avx2Tile {
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         k: usize,
         accumulate: bool,
         bias: *const f32,
@@ -722,8 +814,8 @@ impl TileKernel<16> for Avx2Tile {
                 }
             }
             for kk in 0..k {
-                let b0 = _mm256_loadu_ps(b.add(kk * 16));
-                let b1 = _mm256_loadu_ps(b.add(kk * 16 + 8));
+                let b0 = _mm256_loadu_ps(b.add(kk * ldb));
+                let b1 = _mm256_loadu_ps(b.add(kk * ldb + 8));
                 for (r, acc) in acc.iter_mut().enumerate() {
                     let av = _mm256_set1_ps(*a.add(r * lda + kk));
                     acc[0] = _mm256_fmadd_ps(av, b0, acc[0]);
@@ -755,6 +847,7 @@ impl<const W: usize, F: MulAdd> TileKernel<W> for Generic<F> {
         a: *const f32,
         lda: usize,
         b: *const f32,
+        ldb: usize,
         k: usize,
         accumulate: bool,
         bias: *const f32,
@@ -773,7 +866,7 @@ impl<const W: usize, F: MulAdd> TileKernel<W> for Generic<F> {
                     // SAFETY: the caller's contract.
                     acc = F::mul_add(
                         unsafe { *a.add(r * lda + kk) },
-                        unsafe { *b.add(kk * W + j) },
+                        unsafe { *b.add(kk * ldb + j) },
                         acc,
                     );
                 }

@@ -20,6 +20,7 @@ mod linear;
 mod linear_int8;
 mod onnx_graph;
 mod quantize;
+mod token_attention;
 mod upscale;
 mod vector_math;
 mod window_attention;
@@ -854,6 +855,18 @@ fn split_image_stage(mut model: TypedModel) -> TractResult<Option<(TypedModel, T
     Ok(Some((image_stage, prompt_stage)))
 }
 
+/// The token-to-image attentions of a typed decoder with their key and value projections folded
+/// into the queries ([`token_attention::fold`]; `SAMRT_FOLDED_ATTENTION=0`: off).
+fn fold_token_attention(mut model: TypedModel) -> TractResult<TypedModel> {
+    if std::env::var("SAMRT_FOLDED_ATTENTION").map_or(true, |v| v != "0") {
+        model.declutter()?;
+        let folded = token_attention::fold(&mut model)?;
+        log::debug!("decoder: {folded} token-to-image attentions folded");
+        model.compact()?;
+    }
+    Ok(model)
+}
+
 /// Follows the first input of each node back from `outlet` to the `Flatten` that feeds the
 /// single-mask selection (`SamOnnxModel.select_masks` gathers from a flattened view); its input is
 /// the tensor holding every token. A decoder exported without selection has none.
@@ -995,6 +1008,7 @@ impl MaskDecoder {
         let path = self.path.as_path();
         let typed = self
             .specialized_model(shape)
+            .and_then(fold_token_attention)
             .map_err(|e| model_error(path, format!("cannot be typed for {shape:?}: {e:#}")))?;
         if !shape.mask_input {
             match split_image_stage(typed.clone()) {
