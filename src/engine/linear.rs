@@ -38,7 +38,7 @@ pub const OP_TYPE: &str = "SamrtLinear";
 const DOMAIN: &str = "ai.samrt";
 
 /// Rows of a register tile.
-const TILE_ROWS: usize = 6;
+pub(super) const TILE_ROWS: usize = 6;
 /// Rows of one block (its activations and one weight panel stay in L2), the unit of threading.
 const BLOCK_ROWS: usize = 96;
 
@@ -512,8 +512,8 @@ impl EvalOp for Linear {
 // ---------------------------------------------------------------------------------------------
 // The computation.
 
-/// The weights one product reads: packed panels with their bias, or a row-major `[k, n]` matrix
-/// read in place without one (`n` a multiple of the panel width).
+/// The weights one product reads: packed panels with their bias, or a row-major matrix (rows
+/// `ldb` apart) read in place without one (`n` a multiple of the panel width).
 #[derive(Clone, Copy)]
 struct Weights<'a> {
     data: &'a [f32],
@@ -522,17 +522,19 @@ struct Weights<'a> {
     k: usize,
     n: usize,
     width: usize,
-    packed: bool,
+    /// `None`: packed panels.
+    ldb: Option<usize>,
 }
 
 impl<'a> Weights<'a> {
     /// Rows `k0..` of panel `p` and their stride.
     fn panel(&self, p: usize, k0: usize) -> (&'a [f32], usize) {
-        if self.packed {
-            let start = p * self.k * self.width + k0 * self.width;
-            (&self.data[start..], self.width)
-        } else {
-            (&self.data[k0 * self.n + p * self.width..], self.n)
+        match self.ldb {
+            None => {
+                let start = p * self.k * self.width + k0 * self.width;
+                (&self.data[start..], self.width)
+            }
+            Some(ldb) => (&self.data[k0 * ldb + p * self.width..], ldb),
         }
     }
 }
@@ -545,23 +547,31 @@ pub(super) fn gemm(a: &[f32], m: usize, w: &PackedWeights, gelu: bool, c: &mut [
         k: w.k,
         n: w.n,
         width: w.width,
-        packed: true,
+        ldb: None,
     };
     gemm_weights(a, m, weights, gelu, c)
 }
 
-/// `c[m x n] = a[m x k] · b` with `b` row-major `[k, n]` read in place (not packed: for weights
-/// that change every call), `n` a multiple of [`panel_width`].
-pub(super) fn gemm_row_major(a: &[f32], m: usize, b: &[f32], k: usize, n: usize, c: &mut [f32]) {
+/// `c[m x n] = a[m x k] · b` with `b` `k` rows of `n` values `ldb` apart, read in place (not
+/// packed: for weights that change every call); `n` a multiple of [`panel_width`].
+pub(super) fn gemm_row_major(
+    a: &[f32],
+    m: usize,
+    b: &[f32],
+    k: usize,
+    n: usize,
+    ldb: usize,
+    c: &mut [f32],
+) {
     let width = panel_width();
-    assert!(n.is_multiple_of(width) && b.len() >= k * n);
+    assert!(n.is_multiple_of(width) && n <= ldb && (k == 0 || b.len() >= (k - 1) * ldb + n));
     let weights = Weights {
         data: b,
         bias: &[],
         k,
         n,
         width,
-        packed: false,
+        ldb: Some(ldb),
     };
     gemm_weights(a, m, weights, false, c)
 }

@@ -20,6 +20,7 @@ mod linear;
 mod linear_int8;
 mod onnx_graph;
 mod quantize;
+mod threads;
 mod token_attention;
 mod upscale;
 mod vector_math;
@@ -756,7 +757,9 @@ impl PromptShape {
 /// constant. Without a mask input, the part of the decoder that depends on the image embedding
 /// alone (in SAM's first two-way attention layer: the image tokens plus the positional encoding,
 /// and their key, value and query projections) is split off into an image stage, run once per
-/// embedding and kept with it ([`EmbeddingTensor`]); each prompt runs only the rest. The
+/// embedding and kept with it ([`EmbeddingTensor`]); each prompt runs only the rest. In the
+/// specialized plans the cross attentions between the prompt's few tokens and the 4096 image
+/// tokens fold their projections into the tokens' side ([`token_attention`]). The
 /// one-point plan is built at load; others at their first use, up to [`MAX_DECODER_PLANS`], after
 /// which a plan with a symbolic point count serves the rest.
 #[derive(Debug)]

@@ -28,7 +28,8 @@ use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::attention::Attention;
-use super::linear::{gemm, gemm_row_major, panel_width, Linear, PackedWeights};
+use super::linear::{gemm, gemm_row_major, panel_width, Linear, PackedWeights, TILE_ROWS};
+use super::threads::{run_bounds, split_rows};
 use super::vector_math::{dispatch_isa, exp_nonpositive, MulAdd};
 
 /// The operator's name in tract's plans and profiles.
@@ -476,40 +477,50 @@ impl FoldedAttention {
             gemm(&x[first * c..(first + count) * c], count, &a, false, chunk);
             Ok(())
         })?;
-        // Probabilities down the columns, transposed to `[rows, keys]`; their sums.
-        let mut probs = vec![0.0f32; rows * keys];
-        let mut sums = vec![0.0f32; rows];
-        column_softmax(&mut scores, rows, &mut probs, &mut sums);
+        // Probabilities down the columns, transposed to `[rows, keys]` (padded with zero rows to
+        // whole register tiles), a run of columns a thread.
+        let padded = rows.next_multiple_of(TILE_ROWS);
+        let mut probs = vec![0.0f32; padded * keys];
+        split_rows(&mut probs[..rows * keys], keys, |first, run| {
+            column_softmax(&scores, rows, first, run)
+        });
         drop(scores);
-        // Z = Pᵀ · Y `[rows, channels]`, Y packed as the kernel's weights.
-        let packed_y =
-            (!c.is_multiple_of(width)).then(|| PackedWeights::new(y, &vec![0.0; c], keys, c, width));
-        let mut z = vec![0.0f32; rows * c];
-        par_chunks_mut(&mut z, c, rows * c * keys, |first, chunk| {
-            let count = chunk.len() / c;
-            let p = &probs[first * keys..(first + count) * keys];
-            match &packed_y {
-                Some(yw) => gemm(p, count, yw, false, chunk),
-                None => gemm_row_major(p, count, y, keys, c, chunk),
+        // Z = P · Y `[rows, channels]`, Y read in place as the kernel's weights; a run of
+        // channel panels a thread, each reading its columns of Y once (stored run after run:
+        // `[padded, its channels]` each).
+        let mut z = vec![0.0f32; padded * c];
+        if c.is_multiple_of(width) {
+            let bounds = run_bounds(c / width);
+            split_rows(&mut z, padded * width, |panel, run| {
+                let n = run.len() / padded;
+                gemm_row_major(&probs, padded, &y[panel * width..], keys, n, c, run);
+            });
+            if bounds.len() > 2 {
+                let mut rows_z = vec![0.0f32; padded * c];
+                for pair in bounds.windows(2) {
+                    let (c0, n) = (pair[0] * width, (pair[1] - pair[0]) * width);
+                    let run = &z[padded * c0..padded * (c0 + n)];
+                    for (r, row) in run.chunks_exact(n).enumerate() {
+                        rows_z[r * c + c0..r * c + c0 + n].copy_from_slice(row);
+                    }
+                }
+                z = rows_z;
             }
-            Ok(())
-        })?;
-        // out[h, i] = (z_r / sum_r) · W_v,h + b_v,h.
+        } else {
+            let yw = PackedWeights::new(y, &vec![0.0; c], keys, c, width);
+            gemm(&probs, padded, &yw, false, &mut z);
+        }
+        // out[h, i] = z_r · W_v,h + b_v,h.
         for h in 0..heads {
             for i in 0..queries {
                 let r = h * queries + i;
-                let zr = &z[r * c..(r + 1) * c];
                 let o = &mut out[r * d..(r + 1) * d];
-                o.fill(0.0);
-                for (ch, &zv) in zr.iter().enumerate() {
+                o.copy_from_slice(&self.bv[h * d..(h + 1) * d]);
+                for (ch, &zv) in z[r * c..(r + 1) * c].iter().enumerate() {
                     let w = &self.wv[ch * hd + h * d..ch * hd + (h + 1) * d];
                     for (o, &w) in o.iter_mut().zip(w) {
                         *o += zv * w;
                     }
-                }
-                let inv = 1.0 / sums[r];
-                for (o, &bias) in o.iter_mut().zip(&self.bv[h * d..(h + 1) * d]) {
-                    *o = *o * inv + bias;
                 }
             }
         }
@@ -746,49 +757,70 @@ fn group_softmax_body<F: MulAdd>(scores: &mut [f32], group: usize) {
     for run in scores.chunks_exact_mut(group) {
         let inv = 1.0 / run.iter().sum::<f32>();
         for s in run.iter_mut() {
-            *s *= inv;
+            *s = flush_tiny(*s * inv);
         }
     }
 }
 
+/// Probabilities below which a term is zero: at most 4096 of them, against a sum of 1, change
+/// an f32 result by ~1e-26 of its scale, while a subnormal factor (`exp` of scores 87 below
+/// the row's maximum, then divided by the sum) makes every multiply-add it enters take the
+/// CPU's slow path (~2x the product's time, measured).
+const TINY_PROBABILITY: f32 = 1e-30;
+
+#[inline(always)]
+fn flush_tiny(p: f32) -> f32 {
+    if p < TINY_PROBABILITY {
+        0.0
+    } else {
+        p
+    }
+}
+
 dispatch_isa!(
-    /// Softmax numerators of each column of `scores` `[keys, rows]` (in place), transposed into
-    /// `probs` `[rows, keys]`, and each column's sum into `sums`.
-    fn column_softmax(scores: &mut [f32], rows: usize, probs: &mut [f32], sums: &mut [f32]) => column_softmax_body
+    /// Softmax of columns `first..` of `scores` `[keys, rows]`, one per row of `probs`
+    /// (`[.., keys]`, the transpose).
+    fn column_softmax(scores: &[f32], rows: usize, first: usize, probs: &mut [f32]) => column_softmax_body
 );
 
 #[inline(always)]
-fn column_softmax_body<F: MulAdd>(
-    scores: &mut [f32],
-    rows: usize,
-    probs: &mut [f32],
-    sums: &mut [f32],
-) {
+fn column_softmax_body<F: MulAdd>(scores: &[f32], rows: usize, first: usize, probs: &mut [f32]) {
     let keys = scores.len() / rows;
-    let mut max = vec![f32::NEG_INFINITY; rows];
+    let cols = probs.len() / keys;
+    let mut max = vec![f32::NEG_INFINITY; cols];
     for row in scores.chunks_exact(rows) {
-        for (m, &s) in max.iter_mut().zip(row) {
+        for (m, &s) in max.iter_mut().zip(&row[first..first + cols]) {
             if s > *m {
                 *m = s;
             }
         }
     }
-    sums.fill(0.0);
-    for row in scores.chunks_exact_mut(rows) {
-        for ((s, &m), sum) in row.iter_mut().zip(&max).zip(sums.iter_mut()) {
-            *s = exp_nonpositive::<F>(*s - m);
-            *sum += *s;
-        }
-    }
-    // The transpose in blocks of TRANSPOSE_KEYS keys: each block's rows stay in L1 while every
-    // probability row gets one contiguous run.
+    // The transpose in blocks of TRANSPOSE_KEYS keys: each block's score rows stay in L1 while
+    // every probability row gets one contiguous run.
     for t0 in (0..keys).step_by(TRANSPOSE_KEYS) {
         let block = TRANSPOSE_KEYS.min(keys - t0);
-        for r in 0..rows {
+        for (r, &m) in max.iter().enumerate() {
             let dst = &mut probs[r * keys + t0..r * keys + t0 + block];
             for (j, p) in dst.iter_mut().enumerate() {
-                *p = scores[(t0 + j) * rows + r];
+                *p = scores[(t0 + j) * rows + first + r] - m;
             }
+        }
+    }
+    for row in probs.chunks_exact_mut(keys) {
+        for p in row.iter_mut() {
+            *p = exp_nonpositive::<F>(*p);
+        }
+        // In 16 lanes, so that it vectorizes (a sequential sum cannot be reordered).
+        let mut lanes = [0.0f32; 16];
+        let mut chunks = row.chunks_exact(16);
+        for chunk in &mut chunks {
+            for (l, &p) in lanes.iter_mut().zip(chunk) {
+                *l += p;
+            }
+        }
+        let inv = 1.0 / (lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>());
+        for p in row.iter_mut() {
+            *p = flush_tiny(*p * inv);
         }
     }
 }
@@ -804,7 +836,14 @@ mod tests {
     /// f64, on random data of the decoder's shapes (7 queries, 8 heads of 16, 256 channels).
     #[test]
     fn folded_attention_matches_projected_attention() {
-        let (queries, heads, d, c, keys) = (7, 8, 16, 256, 300);
+        // 256 channels: Y read in place; 200: not whole panels, so packed.
+        for c in [256, 200] {
+            folded_attention_case(c);
+        }
+    }
+
+    fn folded_attention_case(c: usize) {
+        let (queries, heads, d, keys) = (7, 8, 16, 300);
         let hd = heads * d;
         let mut seed = 1u64;
         let mut rand = move || {
@@ -832,6 +871,12 @@ mod tests {
         };
         let mut out = vec![0.0; queries * hd];
         op.run(&q, &x, &y, keys, &mut out).unwrap();
+        let mut pooled = vec![0.0; queries * hd];
+        tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
+            || op.run(&q, &x, &y, keys, &mut pooled).unwrap(),
+        );
+        assert_eq!(out, pooled, "2 threads differ from 1");
         let project = |inp: &[f32], w: &[f32], b: &[f32]| -> Vec<f64> {
             let mut p = vec![0.0f64; keys * hd];
             for t in 0..keys {
@@ -908,6 +953,12 @@ mod tests {
         };
         let mut out = vec![0.0; n * o];
         op.run(&x, &k, &v, Some(&r), &mut out).unwrap();
+        let mut pooled = vec![0.0; n * o];
+        tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope(
+            tract_onnx::tract_core::tract_linalg::multithread::Executor::multithread(2),
+            || op.run(&x, &k, &v, Some(&r), &mut pooled).unwrap(),
+        );
+        assert_eq!(out, pooled, "2 threads differ from 1");
         let mut worst = 0.0f64;
         for t in 0..n {
             let q: Vec<f64> = (0..hd)
