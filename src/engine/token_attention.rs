@@ -454,21 +454,21 @@ impl FoldedAttention {
         if rows == 0 {
             return Ok(());
         }
-        // Aᵀ `[channels, rows]`: row r = (head h, query i) is scale · W_k,h q_iᵀ.
-        let mut at = vec![0.0f32; c * rows];
-        for ch in 0..c {
-            let wk = &self.wk[ch * hd..(ch + 1) * hd];
-            let dst = &mut at[ch * rows..(ch + 1) * rows];
-            for h in 0..heads {
-                for i in 0..queries {
-                    let qi = &q[(i * heads + h) * d..(i * heads + h + 1) * d];
-                    let w = &wk[h * d..(h + 1) * d];
-                    let dot: f32 = qi.iter().zip(w).map(|(a, b)| a * b).sum();
-                    dst[h * queries + i] = self.scale * dot;
+        // Aᵀ `[channels, rows]`: row r = (head h, query i) is scale · W_k,h q_iᵀ, as the product
+        // W_k · Qᵀ with Q `[rows, heads·d]` holding scale · q_i in head h's columns.
+        let width = panel_width();
+        let mut qt = vec![0.0f32; hd * rows];
+        for h in 0..heads {
+            for i in 0..queries {
+                for e in 0..d {
+                    qt[(h * d + e) * rows + h * queries + i] =
+                        self.scale * q[(i * heads + h) * d + e];
                 }
             }
         }
-        let width = panel_width();
+        let mut at = vec![0.0f32; c * rows];
+        let qt = PackedWeights::new(&qt, &vec![0.0; rows], hd, rows, width);
+        gemm(&self.wk, c, &qt, false, &mut at);
         let a = PackedWeights::new(&at, &vec![0.0; rows], c, rows, width);
         // Scores `[keys, rows]`, over tract's threads by rows of keys.
         let mut scores = vec![0.0f32; keys * rows];
@@ -510,18 +510,15 @@ impl FoldedAttention {
             let yw = PackedWeights::new(y, &vec![0.0; c], keys, c, width);
             gemm(&probs, padded, &yw, false, &mut z);
         }
-        // out[h, i] = z_r · W_v,h + b_v,h.
+        // out[h, i] = z_r · W_v,h + b_v,h: the product Z · W_v (+ b_v), head h's columns of row r.
+        let wv = PackedWeights::new(&self.wv, &self.bv, c, hd, width);
+        let mut projected = vec![0.0f32; padded * hd];
+        gemm(&z, padded, &wv, false, &mut projected);
         for h in 0..heads {
             for i in 0..queries {
                 let r = h * queries + i;
-                let o = &mut out[r * d..(r + 1) * d];
-                o.copy_from_slice(&self.bv[h * d..(h + 1) * d]);
-                for (ch, &zv) in z[r * c..(r + 1) * c].iter().enumerate() {
-                    let w = &self.wv[ch * hd + h * d..ch * hd + (h + 1) * d];
-                    for (o, &w) in o.iter_mut().zip(w) {
-                        *o += zv * w;
-                    }
-                }
+                out[r * d..(r + 1) * d]
+                    .copy_from_slice(&projected[r * hd + h * d..r * hd + (h + 1) * d]);
             }
         }
         Ok(())
@@ -676,37 +673,44 @@ impl FoldedImageAttention {
         if pairs == 0 {
             bail!("{IMAGE_OP_TYPE}: no keys");
         }
-        // B `[channels, pairs]` and its bias: pair (h, j) is scale · W_q,h k_jᵀ.
-        let mut bw = vec![0.0f32; c * pairs];
+        // B `[channels, pairs]` and its bias: pair (h, j) is scale · W_q,h k_jᵀ, as the product
+        // W_q · Kᵀ with K `[pairs, heads·d]` holding scale · k_j in head h's columns; and
+        // V W_o `[pairs, outputs]`: pair (h, j) is v_j,h · W_o,h, as V · W_o likewise.
+        let width = panel_width();
+        let mut kt = vec![0.0f32; hd * pairs];
+        let mut vb = vec![0.0f32; pairs * hd];
         let mut bb = vec![0.0f32; pairs];
         for h in 0..heads {
             for j in 0..keys {
-                let kj = &k[(j * heads + h) * d..(j * heads + h + 1) * d];
                 let col = h * keys + j;
-                for ch in 0..c {
-                    let w = &self.wq[ch * hd + h * d..ch * hd + (h + 1) * d];
-                    let dot: f32 = w.iter().zip(kj).map(|(a, b)| a * b).sum();
-                    bw[ch * pairs + col] = self.scale * dot;
+                let (kj, vj) = (
+                    &k[(j * heads + h) * d..(j * heads + h + 1) * d],
+                    &v[(j * heads + h) * d..(j * heads + h + 1) * d],
+                );
+                for e in 0..d {
+                    kt[(h * d + e) * pairs + col] = self.scale * kj[e];
                 }
+                vb[col * hd + h * d..col * hd + (h + 1) * d].copy_from_slice(vj);
                 let bias = &self.bq[h * d..(h + 1) * d];
                 bb[col] = self.scale * bias.iter().zip(kj).map(|(a, b)| a * b).sum::<f32>();
             }
         }
-        // V W_o `[pairs, outputs]`: pair (h, j) is v_j,h · W_o,h.
+        let mut bw = vec![0.0f32; c * pairs];
+        gemm(
+            &self.wq,
+            c,
+            &PackedWeights::new(&kt, &vec![0.0; pairs], hd, pairs, width),
+            false,
+            &mut bw,
+        );
         let mut vw = vec![0.0f32; pairs * o];
-        for h in 0..heads {
-            for j in 0..keys {
-                let vj = &v[(j * heads + h) * d..(j * heads + h + 1) * d];
-                let row = &mut vw[(h * keys + j) * o..(h * keys + j + 1) * o];
-                for (e, &ve) in vj.iter().enumerate() {
-                    let w = &self.wo[(h * d + e) * o..(h * d + e + 1) * o];
-                    for (r, &w) in row.iter_mut().zip(w) {
-                        *r += ve * w;
-                    }
-                }
-            }
-        }
-        let width = panel_width();
+        gemm(
+            &vb,
+            pairs,
+            &PackedWeights::new(&self.wo, &vec![0.0; o], hd, o, width),
+            false,
+            &mut vw,
+        );
         let scores_w = PackedWeights::new(&bw, &bb, c, pairs, width);
         let out_w = PackedWeights::new(&vw, &self.bo, pairs, o, width);
         // Rows of image tokens over tract's threads: scores, the softmax of each head's keys,
