@@ -274,11 +274,7 @@ impl EvalOp for LastAxisLayerNorm {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let (x, scale, bias) = args_3!(inputs);
         let datum_type = x.datum_type();
-        let mut x = if datum_type == f32::datum_type() {
-            x.into_tensor()
-        } else {
-            x.cast_to::<f32>()?.into_owned()
-        };
+        let x = x.cast_to::<f32>()?;
         let scale = scale.cast_to::<f32>()?;
         let bias = bias.cast_to::<f32>()?;
         let width = x.shape().last().copied().unwrap_or(1);
@@ -290,17 +286,26 @@ impl EvalOp for LastAxisLayerNorm {
             scale.len(),
             bias.len()
         );
+        // Into a new tensor, each task copying its rows while normalizing them: the input is
+        // often shared (the residual after the norm), and `into_tensor` would copy all of it on
+        // one thread first.
+        // SAFETY: f32 has no invalid bit patterns, and every row is written below.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(x.shape())? };
         if width > 0 {
-            let mut view = x.try_as_plain_ram_mut()?;
+            let src_view = x.try_as_plain_ram()?;
+            let src = src_view.as_slice::<f32>()?;
+            let mut view = out.try_as_plain_ram_mut()?;
             let data = view.as_slice_mut::<f32>()?;
             let len = data.len();
-            par_chunks_mut(data, width, len, |_, rows| {
+            par_chunks_mut(data, width, len, |first, rows| {
+                rows.copy_from_slice(&src[first * width..first * width + rows.len()]);
                 for row in rows.chunks_exact_mut(width) {
                     normalize_row(row, &scale, &bias, self.epsilon);
                 }
                 Ok(())
             })?;
         }
+        let mut x = out;
         if datum_type != f32::datum_type() {
             x = x.cast_to_dt(datum_type)?.into_owned();
         }
