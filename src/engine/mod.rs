@@ -864,7 +864,7 @@ fn fold_token_attention(mut model: TypedModel) -> TractResult<TypedModel> {
     if std::env::var("SAMRT_FOLDED_ATTENTION").map_or(true, |v| v != "0") {
         model.declutter()?;
         let folded = token_attention::fold(&mut model)?;
-        log::debug!("decoder: {folded} token-to-image attentions folded");
+        log::debug!("decoder: {folded} cross attentions folded");
         model.compact()?;
     }
     Ok(model)

@@ -82,7 +82,7 @@ fn concrete(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Vec<usiz
 fn replace(
     model: &mut TypedModel,
     node: usize,
-    op: impl Into<Box<dyn TypedOp>>,
+    op: Box<dyn TypedOp>,
     inputs: &[OutletId],
 ) -> TractResult<()> {
     let name = format!("{}.folded", model.node(node).name);
@@ -96,8 +96,17 @@ fn replace(
     patch.apply(model)
 }
 
-/// The token-to-image attentions ([`FoldedAttention`]).
-fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
+/// What a matcher of [`fold_attention`] asks for: replace this node's output by this op on
+/// these inputs.
+type Rewrite = (usize, Box<dyn TypedOp>, Vec<OutletId>);
+
+/// Runs `matcher` on each attention of `model` with heads split from its inputs' rows (its
+/// node, scale, q, k and v, and which nodes depend on the prompt), then applies the rewrites
+/// it returns. Returns how many.
+fn fold_attention(
+    model: &mut TypedModel,
+    matcher: impl Fn(&TypedModel, &[bool], usize, f32, [OutletId; 3]) -> TractResult<Option<Rewrite>>,
+) -> TractResult<usize> {
     let order = model.eval_order()?;
     let from_prompt = prompt_dependent(model, &order)?;
     let mut rewrites = Vec::new();
@@ -112,10 +121,22 @@ fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
         let [q, k, v] = node.inputs[..] else {
             continue;
         };
+        rewrites.extend(matcher(model, &from_prompt, id, scale, [q, k, v])?);
+    }
+    let count = rewrites.len();
+    for (id, op, inputs) in rewrites {
+        replace(model, id, op, &inputs)?;
+    }
+    Ok(count)
+}
+
+/// The token-to-image attentions ([`FoldedAttention`]).
+fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
+    fold_attention(model, |model, from_prompt, id, scale, [q, k, v]| {
         let (Some((k_in, k_proj, mut wk)), Some((v_in, v_proj, mut wv))) =
             (projection(model, k)?, projection(model, v)?)
         else {
-            continue;
+            return Ok(None);
         };
         // Keys and values from the embedding alone: the split decoder projects them once per
         // image, so the products read those projections, through identity weights.
@@ -130,7 +151,7 @@ fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
             concrete(model, k_in)?,
             concrete(model, v_in)?,
         ) else {
-            continue;
+            return Ok(None);
         };
         let (c, d) = (wk.0.len() / wk.2, qs.get(3).copied().unwrap_or(0));
         let fits = qs.len() == 4
@@ -144,7 +165,7 @@ fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
             && wv.2 == wk.2
             && wv.0.len() == wk.0.len();
         if !fits {
-            continue;
+            return Ok(None);
         }
         let op = FoldedAttention {
             heads: qs[2],
@@ -155,13 +176,12 @@ fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
             wv: Arc::new(wv.0),
             bv: Arc::new(wv.1),
         };
-        rewrites.push((id, op, [q, k_in, v_in]));
-    }
-    let count = rewrites.len();
-    for (id, op, inputs) in rewrites {
-        replace(model, id, op, &inputs)?;
-    }
-    Ok(count)
+        Ok(Some((
+            id,
+            Box::new(op) as Box<dyn TypedOp>,
+            vec![q, k_in, v_in],
+        )))
+    })
 }
 
 /// The image-to-token attentions with the output projection after them
@@ -170,25 +190,12 @@ fn fold_token_queries(model: &mut TypedModel) -> TractResult<usize> {
 /// whose output goes through the heads' merge (`[b, heads, n, d]` → `[b, n, heads·d]`) into a
 /// linear layer alone.
 fn fold_image_queries(model: &mut TypedModel) -> TractResult<usize> {
-    let order = model.eval_order()?;
-    let from_prompt = prompt_dependent(model, &order)?;
-    let mut rewrites = Vec::new();
-    for &id in &order {
-        let node = model.node(id);
-        let Some(scale) = node
-            .op_as::<Attention>()
-            .and_then(Attention::split_heads_scale)
-        else {
-            continue;
-        };
-        let [q, k, v] = node.inputs[..] else {
-            continue;
-        };
+    fold_attention(model, |model, from_prompt, id, scale, [q, k, v]| {
         let Some((q_in, q_proj, mut wq)) = projection(model, q)? else {
-            continue;
+            return Ok(None);
         };
         let Some((out_layer, wo, residual)) = merged_heads_projection(model, id)? else {
-            continue;
+            return Ok(None);
         };
         // Queries from the embedding alone: their projection is made once per image.
         let q_in = if from_prompt[q_in.node] {
@@ -203,7 +210,7 @@ fn fold_image_queries(model: &mut TypedModel) -> TractResult<usize> {
             concrete(model, k)?,
             concrete(model, v)?,
         ) else {
-            continue;
+            return Ok(None);
         };
         let (heads, d) = (qs[2], qs[3]);
         let c = wq.0.len() / wq.2;
@@ -218,7 +225,7 @@ fn fold_image_queries(model: &mut TypedModel) -> TractResult<usize> {
             && wq.2 == heads * d
             && wo.0.len() == wq.2 * wo.2;
         if !fits {
-            continue;
+            return Ok(None);
         }
         let op = FoldedImageAttention {
             heads,
@@ -234,13 +241,8 @@ fn fold_image_queries(model: &mut TypedModel) -> TractResult<usize> {
         };
         let mut inputs = vec![q_in, k, v];
         inputs.extend(residual);
-        rewrites.push((out_layer, op, inputs));
-    }
-    let count = rewrites.len();
-    for (id, op, inputs) in rewrites {
-        replace(model, id, op, &inputs)?;
-    }
-    Ok(count)
+        Ok(Some((out_layer, Box::new(op) as Box<dyn TypedOp>, inputs)))
+    })
 }
 
 /// The linear layer (its node, `(W, b, n)` and residual input) that attention `id`'s output
