@@ -1040,10 +1040,7 @@ fn run(geometry: &Geometry, scale: f32, data: &[&[f32]], out: &mut [f32]) {
     let batches: usize = geometry.batch.iter().product();
     let row_units = geometry.queries.div_ceil(TASK_ROWS);
     let units = batches * row_units;
-    let threads = match current_tract_executor() {
-        Executor::MultiThread(pool) => pool.current_num_threads(),
-        _ => 1,
-    };
+    let threads = super::threads::threads();
     let tasks = units.min(threads * TASKS_PER_THREAD);
     let out = OutPtr(out.as_mut_ptr());
     let task = |t: usize| {

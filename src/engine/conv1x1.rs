@@ -328,10 +328,7 @@ impl EvalOp for Conv1x1 {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = OutPtr(out_view.as_slice_mut::<f32>()?.as_mut_ptr());
             let units = n * blocks;
-            let threads = match current_tract_executor() {
-                Executor::MultiThread(pool) => pool.current_num_threads(),
-                _ => 1,
-            };
+            let threads = super::threads::threads();
             let tasks = if threads > 1 { units } else { 1 };
             let scratch = || AlignedVec::<f32>::zeroed(self.c * BLOCK_PIXELS);
             let task = |scratch: &mut AlignedVec<f32>, t: usize| {

@@ -858,8 +858,8 @@ fn split_image_stage(mut model: TypedModel) -> TractResult<Option<(TypedModel, T
     Ok(Some((image_stage, prompt_stage)))
 }
 
-/// The token-to-image attentions of a typed decoder with their key and value projections folded
-/// into the queries ([`token_attention::fold`]; `SAMRT_FOLDED_ATTENTION=0`: off).
+/// The cross attentions of a typed decoder with their projections folded into the prompt
+/// tokens' side ([`token_attention::fold`]; `SAMRT_FOLDED_ATTENTION=0`: off).
 fn fold_token_attention(mut model: TypedModel) -> TractResult<TypedModel> {
     if std::env::var("SAMRT_FOLDED_ATTENTION").map_or(true, |v| v != "0") {
         model.declutter()?;

@@ -15,10 +15,14 @@
 //! 275M, both products on samrt's linear kernel, and no `[4096, 128]` key or value tensor. The
 //! results differ from the projected order by float rounding only.
 //!
+//! The image-to-token attention is folded the same way from the other side
+//! ([`FoldedImageAttention`]): the few keys go into the query projection, the few values into
+//! the output projection that follows.
+//!
 //! [`fold`] rewrites the typed (decluttered) decoder: a `SamrtAttention` with heads split from
-//! its inputs' rows, at most [`MAX_QUERIES`] queries and at least [`MIN_KEYS`] keys, whose k and v
-//! are reshapes of samrt's linear layers ([`super::linear`]) used by it alone. Where the linear
-//! layers are tract's (no AVX-512/AVX2), nothing matches.
+//! its inputs' rows, at most [`MAX_QUERIES`] rows on the few side and at least [`MIN_KEYS`] on the
+//! many side, whose projections are samrt's linear layers ([`super::linear`]) used by it alone.
+//! Where the linear layers are tract's (no AVX-512/AVX2), nothing matches.
 
 use std::sync::Arc;
 
@@ -34,10 +38,10 @@ use super::vector_math::{dispatch_isa, exp_nonpositive, MulAdd};
 
 /// The operator's name in tract's plans and profiles.
 pub const OP_TYPE: &str = "SamrtFoldedAttention";
-/// Most queries folded: past a few dozen (head, query) rows the products stop being cheaper
-/// than the projections.
+/// Most rows on the few side (tokens: queries, or keys of the image-to-token attention): past a
+/// few dozen (head, token) pairs the products stop being cheaper than the projections.
 pub const MAX_QUERIES: usize = 16;
-/// Fewest keys for which folding pays.
+/// Fewest rows on the many side (image tokens) for which folding pays.
 pub const MIN_KEYS: usize = 256;
 
 /// Folds both directions of the decoder's cross attention in `model`: the tokens' queries over
@@ -288,10 +292,13 @@ fn merged_heads_projection(
         return Ok(None);
     };
     let node = model.node(layer);
-    let Some(residual) = node.op_as::<Linear>().and_then(Linear::plain_with_residual) else {
+    let Some(linear) = node.op_as::<Linear>() else {
         return Ok(None);
     };
-    let (w, b, _, n) = node.op_as::<Linear>().expect("a linear layer").weights();
+    let Some(residual) = linear.plain_with_residual() else {
+        return Ok(None);
+    };
+    let (w, b, _, n) = linear.weights();
     Ok(Some((layer, (w, b, n), residual.then(|| node.inputs[1]))))
 }
 
