@@ -35,7 +35,7 @@ const TILE_CHANNELS: usize = 6;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const TILE_PIXELS: usize = 32;
 /// Pixels of one block (packed together; the unit of threading).
-const BLOCK_PIXELS: usize = 256;
+pub(super) const BLOCK_PIXELS: usize = 256;
 
 // ---------------------------------------------------------------------------------------------
 // The ONNX rewrite.
@@ -245,7 +245,7 @@ impl std::hash::Hash for Conv1x1 {
 }
 
 impl Conv1x1 {
-    fn new(weights: &[f32], bias: &[f32], o: usize, c: usize, gelu: bool) -> Self {
+    pub(super) fn new(weights: &[f32], bias: &[f32], o: usize, c: usize, gelu: bool) -> Self {
         let rows = o.div_ceil(TILE_CHANNELS) * TILE_CHANNELS;
         let mut w = vec![0f32; rows * c];
         w[..o * c].copy_from_slice(&weights[..o * c]);
@@ -371,21 +371,49 @@ impl Conv1x1 {
         scratch: &mut [f32],
         out: *mut f32,
     ) {
+        let at = out.wrapping_add(pixels.start);
+        // SAFETY: the caller's contract, output pixel p at `at + o * plane + (p - start)`.
+        unsafe { self.block_strided(x, plane, pixels, scratch, at, plane) }
+    }
+
+    /// Pixels `pixels` of `x` (`c` rows `x_plane` apart) into `out`: output channel `o`'s
+    /// values at `out + o * out_plane`, from the block's first pixel on. `scratch` holds at
+    /// least `c x` [`BLOCK_PIXELS`] values; a block is at most that many pixels.
+    ///
+    /// # Safety
+    /// `out` points at `o` runs of `pixels.len()` writable values `out_plane` apart that no other
+    /// task writes.
+    pub(super) unsafe fn block_strided(
+        &self,
+        x: &[f32],
+        x_plane: usize,
+        pixels: std::ops::Range<usize>,
+        scratch: &mut [f32],
+        out: *mut f32,
+        out_plane: usize,
+    ) {
+        debug_assert!(pixels.len() <= BLOCK_PIXELS && scratch.len() >= self.c * BLOCK_PIXELS);
         #[cfg(target_arch = "x86_64")]
         {
             use super::vector_math::{isa, Isa};
             // SAFETY: the kernels run where the CPU has their instructions (probed); the
             // caller's contract for `out`.
             match isa() {
-                Isa::Avx512 => return unsafe { self.block_avx512(x, plane, pixels, scratch, out) },
-                Isa::Avx2Fma => return unsafe { self.block_avx2(x, plane, pixels, scratch, out) },
+                Isa::Avx512 => {
+                    return unsafe {
+                        self.block_avx512(x, x_plane, pixels, scratch, out, out_plane)
+                    }
+                }
+                Isa::Avx2Fma => {
+                    return unsafe { self.block_avx2(x, x_plane, pixels, scratch, out, out_plane) }
+                }
                 Isa::Baseline => {}
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
         let _ = scratch;
         // SAFETY: the caller's contract.
-        unsafe { self.block_generic(x, plane, pixels, out) }
+        unsafe { self.block_generic(x, x_plane, pixels, out, out_plane) }
     }
 
     /// Plain arithmetic, for the tests on any CPU.
@@ -395,17 +423,20 @@ impl Conv1x1 {
         plane: usize,
         pixels: std::ops::Range<usize>,
         out: *mut f32,
+        out_plane: usize,
     ) {
         for o in 0..self.o {
             let w = &self.weights[o * self.c..(o + 1) * self.c];
-            for p in pixels.clone() {
+            for (i, p) in pixels.clone().enumerate() {
                 let mut acc = 0f32;
                 for (ch, &wv) in w.iter().enumerate() {
                     acc = wv.mul_add(x[ch * plane + p], acc);
                 }
                 let v = acc + self.bias[o];
                 // SAFETY: the caller's contract.
-                unsafe { *out.add(o * plane + p) = if self.gelu { gelu::<Fused>(v) } else { v } };
+                unsafe {
+                    *out.add(o * out_plane + i) = if self.gelu { gelu::<Fused>(v) } else { v }
+                };
             }
         }
     }
@@ -419,9 +450,10 @@ impl Conv1x1 {
         pixels: std::ops::Range<usize>,
         scratch: &mut [f32],
         out: *mut f32,
+        out_plane: usize,
     ) {
         // SAFETY: the caller's contract; AVX-512F is enabled here.
-        unsafe { self.block_packed::<Avx512Tile>(x, plane, pixels, scratch, out) }
+        unsafe { self.block_packed::<Avx512Tile>(x, plane, pixels, scratch, out, out_plane) }
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -433,9 +465,10 @@ impl Conv1x1 {
         pixels: std::ops::Range<usize>,
         scratch: &mut [f32],
         out: *mut f32,
+        out_plane: usize,
     ) {
         // SAFETY: the caller's contract; AVX2 and FMA are enabled here.
-        unsafe { self.block_packed::<Avx2Tile>(x, plane, pixels, scratch, out) }
+        unsafe { self.block_packed::<Avx2Tile>(x, plane, pixels, scratch, out, out_plane) }
     }
 
     /// Packs the block's pixels into panels of [`TILE_PIXELS`] and runs tile kernel `T` over
@@ -449,6 +482,7 @@ impl Conv1x1 {
         pixels: std::ops::Range<usize>,
         scratch: &mut [f32],
         out: *mut f32,
+        out_plane: usize,
     ) {
         let c = self.c;
         let len = pixels.len();
@@ -500,7 +534,7 @@ impl Conv1x1 {
                     // SAFETY: the caller's contract: row o, pixels of this block.
                     let dst = unsafe {
                         std::slice::from_raw_parts_mut(
-                            out.add(o * plane + pixels.start + q * TILE_PIXELS),
+                            out.add(o * out_plane + q * TILE_PIXELS),
                             width,
                         )
                     };

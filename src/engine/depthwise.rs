@@ -485,6 +485,16 @@ pub struct Depthwise {
 }
 
 impl Depthwise {
+    /// The NCHW convolution of `stride`, with the GELU after it if `gelu`.
+    #[cfg(test)]
+    pub(super) fn nchw(stride: usize, gelu: bool) -> Self {
+        Depthwise {
+            stride,
+            gelu,
+            grid: None,
+        }
+    }
+
     /// `[N, C, H, W]` → `[N, C, (H - 1) / s + 1, (W - 1) / s + 1]` (padding 1, kernel 3).
     fn output_shape<D: DimLike>(&self, input: &[D]) -> TVec<D> {
         let mut shape: TVec<D> = input.into();
@@ -829,6 +839,44 @@ fn plane_body<F: MulAdd>(
     }
 }
 
+super::vector_math::dispatch_isa!(
+    /// One output row of a stride-1 depthwise 3x3 convolution of one channel, from its three
+    /// input rows (above, at, below; zeros outside the image) each already zero-padded by one
+    /// column on both sides (`out.len() + 2` values): the arithmetic of a whole plane's rows.
+    pub(super) fn padded_row_run(rows: [&[f32]; 3], weights: &[f32; 9], bias: f32, gelu_after: bool, out: &mut [f32]) => padded_row_body
+);
+
+#[inline(always)]
+fn padded_row_body<F: MulAdd>(
+    rows: [&[f32]; 3],
+    k: &[f32; 9],
+    bias: f32,
+    gelu_after: bool,
+    out: &mut [f32],
+) {
+    let w = out.len();
+    let [r0, r1, r2] = rows.map(|r| &r[..w + 2]);
+    for (x, o) in out.iter_mut().enumerate() {
+        let v = [
+            r0[x],
+            r0[x + 1],
+            r0[x + 2],
+            r1[x],
+            r1[x + 1],
+            r1[x + 2],
+            r2[x],
+            r2[x + 1],
+            r2[x + 2],
+        ];
+        *o = dot9(k, v) + bias;
+    }
+    if gelu_after {
+        for o in out.iter_mut() {
+            *o = gelu::<F>(*o);
+        }
+    }
+}
+
 /// Scratch values per padded row for an input row of `w`: `w + 2` padded columns, or for
 /// stride 2 two halves of `w / 2 + 2` (even and odd columns).
 fn scratch_row(w: usize) -> usize {
@@ -889,7 +937,10 @@ impl EvalOp for Gelu {
     }
 }
 
-super::vector_math::dispatch_isa!(fn gelu_slice(values: &mut [f32]) => gelu_slice_body);
+super::vector_math::dispatch_isa!(
+    /// Exact GELU of each value, in place ([`Gelu`]'s arithmetic).
+    pub(super) fn gelu_slice(values: &mut [f32]) => gelu_slice_body
+);
 
 #[inline(always)]
 fn gelu_slice_body<F: MulAdd>(values: &mut [f32]) {

@@ -44,6 +44,8 @@ pub fn onnx() -> tract_onnx::Onnx {
     onnx.op_register
         .insert(super::conv3x3::OP_TYPE, super::conv3x3::build);
     onnx.op_register
+        .insert(super::mbconv::OP_TYPE, super::mbconv::build);
+    onnx.op_register
         .insert(super::upscale::OP_TYPE, super::upscale::build);
     onnx.op_register
         .insert(super::linear_int8::OP_TYPE, super::linear_int8::build);

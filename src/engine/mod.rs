@@ -10,6 +10,7 @@
 //!   specialized per prompt shape (number of points, mask input or not) and kept.
 
 mod attention;
+mod axis_move;
 mod conv1x1;
 mod conv3x3;
 mod depthwise;
@@ -18,6 +19,7 @@ mod half;
 mod layer_norm;
 mod linear;
 mod linear_int8;
+mod mbconv;
 mod onnx_graph;
 mod quantize;
 mod threads;
@@ -246,6 +248,9 @@ fn parse_onnx_with(path: &Path, bytes: &[u8], fusions: Fusions) -> Result<(Infer
             linear::fuse(graph);
             if std::env::var("SAMRT_CONV1X1").map_or(true, |v| v != "0") {
                 conv1x1::fuse(graph);
+                if std::env::var("SAMRT_MBCONV").map_or(true, |v| v != "0") {
+                    mbconv::fuse(graph);
+                }
             }
             if std::env::var("SAMRT_CONV3X3").map_or(true, |v| v != "0") {
                 conv3x3::fuse(graph);
@@ -488,6 +493,11 @@ impl ImageEncoder {
         };
         let plan = KnobScope::new(ENCODER_KNOBS)
             .and_then(|knobs| knobs.enter(|| typed.into_optimized()))
+            .and_then(|mut m| {
+                let moves = axis_move::replace(&mut m)?;
+                log::debug!("encoder: {moves} axis moves on samrt's threaded copy");
+                Ok(m)
+            })
             .and_then(|m| m.into_runnable())
             .map_err(|e| model_error(path, format!("cannot be optimized by tract: {e:#}")))?;
         Ok(ImageEncoder {
@@ -1394,6 +1404,7 @@ impl ObjectDetector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
 
     fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         assert_eq!(a.len(), b.len());
@@ -1425,6 +1436,29 @@ mod tests {
         assert_eq!(softmaxes, 0, "a Softmax was left unfused");
         let (_, unfused) = parse_onnx_fused(&files.encoder, &bytes, false).unwrap();
         assert_eq!(unfused, 0);
+    }
+
+    /// The layout changes tract keeps in the default encoder's plan (patch mergings, neck) run
+    /// on samrt's threaded copy ([`axis_move`]): no large one is left to tract's `MoveAxis`.
+    #[test]
+    fn encoder_axis_moves_are_threaded() {
+        let files = crate::model::ModelFiles::default_model().expect("default model");
+        let bytes = std::fs::read(&files.encoder).expect("encoder bytes");
+        let encoder = ImageEncoder::from_onnx_bytes(&files.encoder, &bytes).unwrap();
+        let model = encoder.plan.model();
+        let ours = model
+            .nodes()
+            .iter()
+            .filter(|n| n.op_is::<axis_move::SamrtMoveAxis>())
+            .count();
+        assert!(ours >= 6, "{ours} axis moves on samrt's copy");
+        for node in model.nodes() {
+            if let Some(AxisOp::Move(..)) = node.op_as::<AxisOp>() {
+                let fact = model.outlet_fact(node.inputs[0]).unwrap();
+                let len: usize = fact.shape.as_concrete().unwrap().iter().product();
+                assert!(len < axis_move::MIN_ELEMENTS, "{} left to tract", node.name);
+            }
+        }
     }
 
     #[test]
