@@ -247,6 +247,9 @@ pub struct StreamSinkConfig {
     pub unix: String,
     /// TCP address that streams every event as a JSON line, e.g. "127.0.0.1:7878"; "" = off.
     pub tcp: String,
+    /// Let `tcp` be an address beyond loopback (every subscriber that reaches it reads every
+    /// event, unauthenticated).
+    pub allow_remote: bool,
     /// Subscribers served at once.
     pub max_clients: usize,
     /// A subscriber that falls this far behind is disconnected.
@@ -258,9 +261,40 @@ impl Default for StreamSinkConfig {
         StreamSinkConfig {
             unix: String::new(),
             tcp: String::new(),
+            allow_remote: false,
             max_clients: 8,
             client_buffer_bytes: 4 << 20,
         }
+    }
+}
+
+impl StreamSinkConfig {
+    /// The addresses `tcp` names (none when off), refused when one is beyond loopback without
+    /// `allow_remote`.
+    pub fn tcp_addrs(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        use std::net::ToSocketAddrs;
+        if self.tcp.is_empty() {
+            return Ok(Vec::new());
+        }
+        let addrs: Vec<_> = self
+            .tcp
+            .to_socket_addrs()
+            .map_err(|e| {
+                format!(
+                    "[sinks.stream] tcp = {:?} is not a HOST:PORT address ({e}); e.g. \"127.0.0.1:7878\"",
+                    self.tcp
+                )
+            })?
+            .collect();
+        if let Some(remote) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            if !self.allow_remote {
+                return Err(format!(
+                    "[sinks.stream] tcp = {:?} listens beyond loopback ({remote}): anyone who reaches it reads every event, unauthenticated. Use a 127.0.0.1 address (and an SSH tunnel), or set allow_remote = true",
+                    self.tcp
+                ));
+            }
+        }
+        Ok(addrs)
     }
 }
 
@@ -397,6 +431,7 @@ impl ServiceConfig {
             );
         }
         positive(self.control.reply_timeout_s, "control.reply_timeout_s")?;
+        self.sinks.stream.tcp_addrs()?;
         if self.sinks.files.enabled && self.sinks.files.dir.is_empty() {
             return Err("[sinks.files] enabled = true needs a dir".into());
         }
@@ -517,6 +552,28 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("prompts.fixed.points"), "{err}");
+    }
+
+    #[test]
+    fn the_tcp_stream_stays_on_loopback_unless_allowed() {
+        let config = |tcp: &str, allow: bool| {
+            format!("[source]\nkind = \"synthetic\"\n[sinks.stream]\ntcp = \"{tcp}\"\nallow_remote = {allow}\n")
+        };
+        for local in ["127.0.0.1:7878", "[::1]:7878", "localhost:7878"] {
+            parse_config(&config(local, false), Path::new(".")).unwrap();
+        }
+        for remote in ["0.0.0.0:7878", "[::]:7878", "192.0.2.7:7878"] {
+            let err = parse_config(&config(remote, false), Path::new(".")).unwrap_err();
+            assert!(
+                err.contains("[sinks.stream] tcp") && err.contains("allow_remote = true"),
+                "{err}"
+            );
+            let loaded = parse_config(&config(remote, true), Path::new(".")).unwrap();
+            assert!(loaded.config.sinks.stream.allow_remote);
+        }
+        let err = parse_config(&config("7878", false), Path::new(".")).unwrap_err();
+        assert!(err.contains("HOST:PORT"), "{err}");
+        assert!(!StreamSinkConfig::default().allow_remote);
     }
 
     #[test]

@@ -128,9 +128,17 @@ impl StreamSink {
             ));
             unix_path = Some(path);
         }
-        if !config.tcp.is_empty() {
-            let listener = TcpListener::bind(&config.tcp)
+        let addrs = config.tcp_addrs()?;
+        if !addrs.is_empty() {
+            let listener = TcpListener::bind(&addrs[..])
                 .map_err(|e| format!("[sinks.stream] cannot listen on tcp {}: {e}", config.tcp))?;
+            match listener.local_addr() {
+                Ok(a) if !a.ip().is_loopback() => log::warn!(
+                    "stream sink: listening on {a}, beyond loopback (allow_remote = true): every event to whoever connects"
+                ),
+                Ok(a) => log::info!("stream sink: listening on {a}"),
+                Err(_) => {}
+            }
             listener.set_nonblocking(true).map_err(|e| e.to_string())?;
             acceptors.push(accept_loop(
                 listener,
@@ -220,5 +228,25 @@ impl Drop for StreamSink {
         if let Some(path) = &self.unix_path {
             let _ = std::fs::remove_file(path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_beyond_loopback_needs_allow_remote() {
+        let config = |tcp: &str, allow_remote: bool| StreamSinkConfig {
+            tcp: tcp.into(),
+            allow_remote,
+            ..Default::default()
+        };
+        let err = StreamSink::open(&config("0.0.0.0:0", false)).unwrap_err();
+        assert!(err.contains("allow_remote = true"), "{err}");
+        let sink = StreamSink::open(&config("0.0.0.0:0", true)).unwrap();
+        assert_eq!(sink.subscribers(), 0);
+        drop(sink);
+        StreamSink::open(&config("127.0.0.1:0", false)).unwrap();
     }
 }
