@@ -534,15 +534,18 @@ impl ImageEncoder {
     pub fn embed_yielding(&self, image_chw: &[f32], before_op: &dyn Fn()) -> Result<Vec<f32>> {
         let err = |e: TractError| Error::Inference(format!("image encoder: {e:#}"));
         let mut state = tract_onnx::tract_core::plan::SimpleState::new(&self.plan).map_err(err)?;
+        let awake = threads::KeepAwake::new();
         let outputs = state
             .run_plan_with_eval(
                 tvec!(self.input(image_chw)?),
                 |ctx, op_state, node, input| {
                     before_op();
+                    awake.ensure();
                     tract_onnx::tract_core::plan::eval(ctx, op_state, node, input)
                 },
             )
             .map_err(err)?;
+        drop(awake);
         let output = &outputs[0];
         let result = if output.datum_type() == f32::datum_type() {
             to_f32_vec(output)
@@ -1224,7 +1227,9 @@ impl MaskDecoder {
     ) -> Result<Vec<DecodedTokens>> {
         let err = |e: TractError| Error::Inference(format!("mask decoder: {e:#}"));
         let (plan, inputs) = self.plan_inputs(plan, batch)?;
+        let awake = threads::KeepAwake::new();
         let outputs = plan.run(inputs).map_err(err)?;
+        drop(awake);
         let low_res_logits = to_f32_vec(&outputs[0]).map_err(err)?;
         let iou_predictions = to_f32_vec(&outputs[1]).map_err(err)?;
         let b = batch.len();
