@@ -41,6 +41,11 @@ const DOMAIN: &str = "ai.samrt";
 /// balance the threads when one of them is slowed down.
 const BANDS_PER_THREAD: usize = 4;
 
+/// Nodes one block is cut into, each a horizontal part of the output (joined by a `Concat`): a
+/// press waits for at most the encoder operator in flight (`service::priority`), and a whole
+/// block at 256x256 is ~45–90 ms.
+const PARTS: usize = 4;
+
 // ---------------------------------------------------------------------------------------------
 // The ONNX rewrite.
 
@@ -275,8 +280,28 @@ impl Expansion for MbConvExpansion {
             depthwise_gelu: self.depthwise_gelu,
             project: Conv1x1::new(&w3, &b3, c, hidden, false),
             gelu: self.gelu,
+            part: 0,
+            parts: 1,
         };
-        model.wire_node(prefix, op, &inputs[..1])
+        let h = model.outlet_fact(inputs[0])?.shape[2].to_usize().ok();
+        let parts = h.map_or(1, |h| PARTS.min(h).max(1));
+        if parts == 1 {
+            return model.wire_node(prefix, op, &inputs[..1]);
+        }
+        let mut outputs = tvec![];
+        for part in 0..parts {
+            let op = MbConv {
+                part,
+                parts,
+                ..op.clone()
+            };
+            outputs.push(model.wire_node(format!("{prefix}.part{part}"), op, &inputs[..1])?[0]);
+        }
+        model.wire_node(
+            prefix,
+            tract_onnx::tract_core::ops::array::TypedConcat::new(2),
+            &outputs,
+        )
     }
 }
 
@@ -297,6 +322,9 @@ pub struct MbConv {
     project: Conv1x1,
     /// GELU after the residual add.
     gelu: bool,
+    /// This node computes output rows `part * h / parts..(part + 1) * h / parts` (see [`PARTS`]).
+    part: usize,
+    parts: usize,
 }
 
 impl Eq for MbConv {}
@@ -304,6 +332,7 @@ impl Eq for MbConv {}
 impl std::hash::Hash for MbConv {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         (self.c, self.hidden, self.depthwise_gelu, self.gelu).hash(state);
+        (self.part, self.parts).hash(state);
         self.expand.hash(state);
         self.project.hash(state);
     }
@@ -316,8 +345,13 @@ impl Op for MbConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} → {} → {} channels, gelu after the residual: {}",
-            self.c, self.hidden, self.c, self.gelu
+            "{} → {} → {} channels, gelu after the residual: {}, part {} of {}",
+            self.c,
+            self.hidden,
+            self.c,
+            self.gelu,
+            self.part + 1,
+            self.parts
         )])
     }
 
@@ -333,7 +367,12 @@ impl TypedOp for MbConv {
             self.c,
             x.shape
         );
-        Ok(tvec!(x.datum_type.fact(x.shape.clone())))
+        let mut shape = x.shape.to_tvec();
+        let h = shape[2]
+            .to_usize()
+            .with_context(|| format!("{OP_TYPE}: the height must be known"))?;
+        shape[2] = self.rows(h).len().to_dim();
+        Ok(tvec!(x.datum_type.fact(shape)))
     }
 
     as_op!();
@@ -365,15 +404,17 @@ impl EvalOp for MbConv {
         let (n, h, w) = (shape[0], shape[2], shape[3]);
         let view = x.try_as_plain_ram()?;
         let data = view.as_slice::<f32>()?;
+        let rows = self.rows(h);
         // SAFETY: f32 has no invalid bit patterns, and every output value is written.
-        let mut output = unsafe { Tensor::uninitialized::<f32>(shape)? };
+        let mut output = unsafe { Tensor::uninitialized::<f32>(&[n, self.c, rows.len(), w])? };
         let image = self.c * h * w;
-        if n * image == 0 {
+        let out_image = self.c * rows.len() * w;
+        if n * out_image == 0 {
             return Ok(tvec!(output.into_tvalue()));
         }
         let threads = super::threads::threads();
         let bands = if threads > 1 {
-            (BANDS_PER_THREAD * threads).min(h)
+            (BANDS_PER_THREAD * threads).min(rows.len())
         } else {
             1
         };
@@ -392,10 +433,20 @@ impl EvalOp for MbConv {
         };
         let task = |scratch: &mut Scratch, unit: usize| {
             let (img, band) = (unit / bands, unit % bands);
-            let rows = band * h / bands..(band + 1) * h / bands;
+            let len = rows.len();
+            let band = rows.start + band * len / bands..rows.start + (band + 1) * len / bands;
             let x = &data[img * image..(img + 1) * image];
             // SAFETY: bands write disjoint rows of image `img`'s output.
-            unsafe { self.band(x, (h, w), rows, scratch, out.at(img * image)) };
+            unsafe {
+                self.band(
+                    x,
+                    (h, w),
+                    band,
+                    rows.clone(),
+                    scratch,
+                    out.at(img * out_image),
+                )
+            };
         };
         match current_tract_executor() {
             Executor::MultiThread(pool) if units > 1 => {
@@ -412,15 +463,23 @@ impl EvalOp for MbConv {
 }
 
 impl MbConv {
-    /// Output rows `rows` of one image: `x` its `c x h x w` input, `out` its output.
+    /// The output rows of the block this node computes, of an input `h` rows high.
+    fn rows(&self, h: usize) -> std::ops::Range<usize> {
+        self.part * h / self.parts..(self.part + 1) * h / self.parts
+    }
+
+    /// Output rows `rows` of one image: `x` its `c x h x w` input, `out` this node's output for
+    /// it (rows `part` of the image's).
     ///
     /// # Safety
-    /// `out` points at the image's `c x h x w` output, whose rows `rows` no other task writes.
+    /// `out` points at the image's `c x part.len() x w` output, whose rows `rows` (inside
+    /// `part`) no other task writes.
     unsafe fn band(
         &self,
         x: &[f32],
         (h, w): (usize, usize),
         rows: std::ops::Range<usize>,
+        part: std::ops::Range<usize>,
         scratch: &mut Scratch,
         out: *mut f32,
     ) {
@@ -431,6 +490,7 @@ impl MbConv {
             pack,
         } = scratch;
         let plane = h * w;
+        let out_plane = part.len() * w;
         let seg = w + 2;
         let slot = self.hidden * seg;
         let blocks = |row_start: usize| {
@@ -491,15 +551,16 @@ impl MbConv {
                         w,
                         b..b + len,
                         pack,
-                        out.add(y * w + b),
-                        plane,
+                        out.add((y - part.start) * w + b),
+                        out_plane,
                     )
                 };
             }
             for o in 0..self.c {
                 let at = o * plane + y * w;
+                let out_at = o * out_plane + (y - part.start) * w;
                 // SAFETY: the caller's contract: row y of output channel o.
-                let values = unsafe { std::slice::from_raw_parts_mut(out.add(at), w) };
+                let values = unsafe { std::slice::from_raw_parts_mut(out.add(out_at), w) };
                 for (v, r) in values.iter_mut().zip(&x[at..at + w]) {
                     *v += *r;
                 }
@@ -584,6 +645,8 @@ mod tests {
                 depthwise_gelu: true,
                 project,
                 gelu,
+                part: 0,
+                parts: 1,
             };
             let got = eval(op.clone(), tvec!(x.clone().into_tvalue()));
             assert_eq!(got, want, "{:?}: 1 thread", [n, c, h, w]);
@@ -591,6 +654,20 @@ mod tests {
                 eval(op.clone(), tvec!(x.clone().into_tvalue()))
             });
             assert_eq!(pooled, want, "{:?}: 2 threads", [n, c, h, w]);
+            // In parts, as the fused graph runs it: the parts joined are the whole.
+            let parts = 3.min(h);
+            let pieces: Vec<Tensor> = (0..parts)
+                .map(|part| {
+                    let op = MbConv {
+                        part,
+                        parts,
+                        ..op.clone()
+                    };
+                    eval(op, tvec!(x.clone().into_tvalue()))
+                })
+                .collect();
+            let joined = Tensor::stack_tensors(2, &pieces).unwrap();
+            assert_eq!(joined, want, "{:?}: in {parts} parts", [n, c, h, w]);
         }
     }
 

@@ -62,8 +62,9 @@ struct AwakeState {
     running: std::sync::atomic::AtomicUsize,
 }
 
-/// How long a waiting thread looks for work before it sleeps as rayon's do.
-pub const AWAKE_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
+/// How long a waiting thread looks for work before it sleeps as rayon's do (an encoder's
+/// operators follow each other within microseconds; a prompt holds it for milliseconds).
+pub const AWAKE_IDLE: std::time::Duration = std::time::Duration::from_micros(500);
 
 impl KeepAwake {
     /// For the pool of the current executor (nothing to do single-threaded).
