@@ -793,21 +793,7 @@ fn plane_body<F: MulAdd>(
         let (r1, r2) = rest.split_at(seg);
         let (r2, _) = r2.split_at(seg);
         if stride == 1 {
-            let (r0, r1, r2) = (&r0[..ow + 2], &r1[..ow + 2], &r2[..ow + 2]);
-            for (x, o) in out_row.iter_mut().enumerate() {
-                let v = [
-                    r0[x],
-                    r0[x + 1],
-                    r0[x + 2],
-                    r1[x],
-                    r1[x + 1],
-                    r1[x + 2],
-                    r2[x],
-                    r2[x + 1],
-                    r2[x + 2],
-                ];
-                *o = dot9(k, v) + bias;
-            }
+            padded_row_body::<F>([r0, r1, r2], k, bias, false, out_row);
         } else {
             // Output x reads padded columns 2x, 2x + 1, 2x + 2: even[x], odd[x], even[x + 1].
             fn split(r: &[f32], half: usize, ow: usize) -> (&[f32], &[f32]) {
