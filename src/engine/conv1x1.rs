@@ -20,7 +20,6 @@ use std::sync::Arc;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
 use super::vector_math::{gelu, AlignedVec, Fused};
@@ -328,30 +327,17 @@ impl EvalOp for Conv1x1 {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = OutPtr(out_view.as_slice_mut::<f32>()?.as_mut_ptr());
             let units = n * blocks;
-            let threads = super::threads::threads();
-            let tasks = if threads > 1 { units } else { 1 };
             let scratch = || AlignedVec::<f32>::zeroed(self.c * BLOCK_PIXELS);
-            let task = |scratch: &mut AlignedVec<f32>, t: usize| {
-                for unit in t * units / tasks..(t + 1) * units / tasks {
-                    let (image, block) = (unit / blocks, unit % blocks);
-                    let x = &data[image * self.c * plane..(image + 1) * self.c * plane];
-                    let pixels = block * BLOCK_PIXELS..((block + 1) * BLOCK_PIXELS).min(plane);
-                    // SAFETY: units write disjoint pixel ranges of the output; `block_into`
-                    // writes only inside image `image`'s o x plane values.
-                    let out_image = out.at(image * self.o * plane);
-                    unsafe { self.block_into(x, plane, pixels, scratch, out_image) };
-                }
+            let task = |scratch: &mut AlignedVec<f32>, unit: usize| {
+                let (image, block) = (unit / blocks, unit % blocks);
+                let x = &data[image * self.c * plane..(image + 1) * self.c * plane];
+                let pixels = block * BLOCK_PIXELS..((block + 1) * BLOCK_PIXELS).min(plane);
+                // SAFETY: units write disjoint pixel ranges of the output; `block_into` writes
+                // only inside image `image`'s o x plane values.
+                let out_image = out.at(image * self.o * plane);
+                unsafe { self.block_into(x, plane, pixels, scratch, out_image) };
             };
-            match current_tract_executor() {
-                Executor::MultiThread(pool) if threads > 1 && tasks > 1 => {
-                    use rayon::prelude::*;
-                    pool.install(|| (0..tasks).into_par_iter().for_each_init(scratch, task))
-                }
-                _ => {
-                    let mut scratch = scratch();
-                    (0..tasks).for_each(|t| task(&mut scratch, t))
-                }
-            }
+            super::threads::for_each_unit(units, scratch, task);
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -631,6 +617,7 @@ impl PixelTile for Avx2Tile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)

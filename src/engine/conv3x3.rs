@@ -18,7 +18,6 @@ use std::sync::Arc;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
 use super::conv1x1::{conv_weights, OutPtr};
@@ -353,10 +352,6 @@ impl EvalOp for Conv3x3 {
         if units * self.o > 0 {
             let mut out_view = output.try_as_plain_ram_mut()?;
             let out = OutPtr(out_view.as_slice_mut::<f32>()?.as_mut_ptr());
-            let threads = match current_tract_executor() {
-                Executor::MultiThread(pool) => pool.current_num_threads(),
-                _ => 1,
-            };
             let (k, o) = (self.c * 9, self.o);
             let scratch = || {
                 (
@@ -381,16 +376,7 @@ impl EvalOp for Conv3x3 {
                     }
                 }
             };
-            match current_tract_executor() {
-                Executor::MultiThread(pool) if threads > 1 && units > 1 => {
-                    use rayon::prelude::*;
-                    pool.install(|| (0..units).into_par_iter().for_each_init(scratch, task))
-                }
-                _ => {
-                    let mut scratch = scratch();
-                    (0..units).for_each(|u| task(&mut scratch, u))
-                }
-            }
+            super::threads::for_each_unit(units, scratch, task);
         }
         Ok(tvec!(output.into_tvalue()))
     }
@@ -400,6 +386,7 @@ impl EvalOp for Conv3x3 {
 mod tests {
     use super::*;
     use crate::engine::vector_math::{gelu, Baseline};
+    use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)

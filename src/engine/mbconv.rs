@@ -26,10 +26,9 @@ use std::sync::Arc;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
 use tract_onnx::tract_hir::internal::*;
 
-use super::conv1x1::{Conv1x1, OutPtr, BLOCK_PIXELS};
+use super::conv1x1::{conv_weights, Conv1x1, OutPtr, BLOCK_PIXELS};
 use super::depthwise::{gelu_slice, padded_row_run};
 use super::vector_math::AlignedVec;
 
@@ -240,41 +239,32 @@ impl Expansion for MbConvExpansion {
         model: &mut TypedModel,
         inputs: &[OutletId],
     ) -> TractResult<TVec<OutletId>> {
-        let x = model.outlet_fact(inputs[0])?;
-        ensure!(x.datum_type == f32::datum_type(), "{OP_TYPE}: f32 only");
-        let konst = |i: usize| -> TractResult<Vec<f32>> {
-            let fact = model.outlet_fact(inputs[i])?;
-            let t = fact
-                .konst
-                .clone()
-                .with_context(|| format!("{OP_TYPE}: input {i} must be constant"))?;
-            Ok(t.cast_to::<f32>()?
-                .try_as_plain_ram()?
-                .as_slice::<f32>()?
-                .to_vec())
+        // Each convolution's constant weights and bias, as the fused convolutions read theirs.
+        let weights =
+            |at: usize| conv_weights(OP_TYPE, model, &[inputs[0], inputs[at], inputs[at + 1]]);
+        let ((w1, b1), (wd, bd), (w3, b3)) = (weights(1)?, weights(3)?, weights(5)?);
+        let &[hidden, c, 1, 1] = w1.shape() else {
+            bail!(
+                "{OP_TYPE}: expansion weights [hidden, c, 1, 1] expected, got {:?}",
+                w1.shape()
+            );
         };
-        let w1 = model
-            .outlet_fact(inputs[1])?
-            .shape
-            .as_concrete()
-            .map(|s| s.to_vec());
-        let Some([hidden, c, 1, 1]) = w1.as_deref().and_then(|s| <[usize; 4]>::try_from(s).ok())
-        else {
-            bail!("{OP_TYPE}: expansion weights [hidden, c, 1, 1] expected, got {w1:?}");
-        };
-        let (b1, wd, bd, w3, b3) = (konst(2)?, konst(3)?, konst(4)?, konst(5)?, konst(6)?);
         ensure!(
-            b1.len() == hidden && wd.len() == hidden * 9 && bd.len() == hidden,
+            b1.len() == hidden && wd.shape() == [hidden, 1, 3, 3] && bd.len() == hidden,
             "{OP_TYPE}: expansion bias and depthwise weights for {hidden} channels expected"
         );
         ensure!(
-            w3.len() == c * hidden && b3.len() == c,
-            "{OP_TYPE}: projection weights [{c}, {hidden}] expected"
+            w3.shape() == [c, hidden, 1, 1] && b3.len() == c,
+            "{OP_TYPE}: projection weights [{c}, {hidden}, 1, 1] expected"
         );
+        let plain = |t: &Tensor| -> TractResult<Vec<f32>> {
+            Ok(t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec())
+        };
+        let (w1, wd, w3) = (plain(&w1)?, plain(&wd)?, plain(&w3)?);
         let op = MbConv {
             c,
             hidden,
-            expand: Conv1x1::new(&konst(1)?, &b1, hidden, c, true),
+            expand: Conv1x1::new(&w1, &b1, hidden, c, true),
             depthwise: Arc::new(wd.chunks_exact(9).map(|k| k.try_into().unwrap()).collect()),
             depthwise_bias: Arc::new(bd),
             depthwise_gelu: self.depthwise_gelu,
@@ -448,16 +438,7 @@ impl EvalOp for MbConv {
                 )
             };
         };
-        match current_tract_executor() {
-            Executor::MultiThread(pool) if units > 1 => {
-                use rayon::prelude::*;
-                pool.install(|| (0..units).into_par_iter().for_each_init(scratch, task))
-            }
-            _ => {
-                let mut scratch = scratch();
-                (0..units).for_each(|u| task(&mut scratch, u))
-            }
-        }
+        super::threads::for_each_unit(units, scratch, task);
         Ok(tvec!(output.into_tvalue()))
     }
 }
@@ -576,7 +557,7 @@ impl MbConv {
 mod tests {
     use super::super::depthwise::{Depthwise, Gelu};
     use super::*;
-    use tract_onnx::tract_core::tract_linalg::multithread::multithread_tract_scope;
+    use tract_onnx::tract_core::tract_linalg::multithread::{multithread_tract_scope, Executor};
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)

@@ -141,3 +141,23 @@ impl Drop for KeepAwake {
         }
     }
 }
+
+/// Runs `task(scratch, unit)` for every unit of `0..units` over tract's pool, each of the
+/// pool's tasks with a scratch from `init` (rayon's `for_each_init`). One thread, or one unit:
+/// in order, with one scratch.
+pub fn for_each_unit<S>(
+    units: usize,
+    init: impl Fn() -> S + Sync + Send,
+    task: impl Fn(&mut S, usize) + Sync + Send,
+) {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) if pool.current_num_threads() > 1 && units > 1 => {
+            use rayon::prelude::*;
+            pool.install(|| (0..units).into_par_iter().for_each_init(init, task))
+        }
+        _ => {
+            let mut scratch = init();
+            (0..units).for_each(|u| task(&mut scratch, u))
+        }
+    }
+}
