@@ -450,6 +450,19 @@ fn end_to_end_every_sink_and_sigterm_loses_nothing() {
             );
         }
     }
+    if let Some(mqtt) = &mqtt {
+        // A clean stop leaves the retained status at "offline".
+        wait_for("the offline status", Duration::from_secs(10), || {
+            let all = mqtt.all();
+            let statuses: Vec<_> = all
+                .iter()
+                .filter(|l| l.starts_with("samrt/masks/status "))
+                .collect();
+            (statuses.first().map(|l| l.as_str()) == Some("samrt/masks/status online")
+                && statuses.last().map(|l| l.as_str()) == Some("samrt/masks/status offline"))
+            .then_some(())
+        });
+    }
     let log = service.log();
     assert!(log.contains("stats: frames"), "{log}");
 }
@@ -1032,4 +1045,309 @@ fn a_finished_source_without_control_socket_ends_the_service() {
     let records = jsonl_records(&dir.join("out"));
     assert_eq!(records.len(), 1, "{records:?}");
     assert_eq!(records[0]["source"], "fixed");
+}
+
+/// `systemd-analyze security --offline=yes` on the unit: the overall exposure it prints.
+fn unit_exposure(analyze: &Path, unit: &Path) -> f64 {
+    let output = Command::new(analyze)
+        .args(["security", "--offline=yes"])
+        .arg(unit)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no exposure level in:\n{stdout}{}", output.stderr.len()));
+    let after = line.rsplit(": ").next().unwrap();
+    after.split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The system calls of a `SystemCallFilter=` group (`@name`, resolved with `systemd-analyze
+/// syscall-filter`, nested groups included) or of one call's name.
+fn syscall_set(analyze: &Path, item: &str, into: &mut std::collections::BTreeSet<String>) {
+    if !item.starts_with('@') {
+        into.insert(item.to_string());
+        return;
+    }
+    let output = Command::new(analyze)
+        .args(["syscall-filter", item])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "syscall-filter {item}");
+    for line in String::from_utf8_lossy(&output.stdout).lines().skip(1) {
+        let entry = line.trim();
+        if entry.is_empty() || entry.starts_with('#') {
+            continue;
+        }
+        syscall_set(analyze, entry, into);
+    }
+}
+
+/// What the unit's `SystemCallFilter=` lines allow: the first line's allow list less every `~`
+/// line's deny list.
+fn unit_allowed_syscalls(analyze: &Path, unit: &str) -> std::collections::BTreeSet<String> {
+    let mut allowed = std::collections::BTreeSet::new();
+    let mut denied = std::collections::BTreeSet::new();
+    for filter in unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("SystemCallFilter="))
+    {
+        match filter.strip_prefix('~') {
+            Some(deny) => deny
+                .split_whitespace()
+                .for_each(|i| syscall_set(analyze, i, &mut denied)),
+            None => filter
+                .split_whitespace()
+                .for_each(|i| syscall_set(analyze, i, &mut allowed)),
+        }
+    }
+    assert!(
+        !allowed.is_empty(),
+        "the unit has no SystemCallFilter allow list"
+    );
+    allowed.retain(|s| !denied.contains(s));
+    allowed
+}
+
+/// The unit's exposure stays low (issue: ≤ 2.0), and what it shuts still lets samrt work: every
+/// system call a real `samrt run` makes (traced with strace: the files source, the encoder's
+/// threads, fixed-point prompts, the files, stream, display and MQTT sinks) is one its filter
+/// allows, the calls the camera, GPIO and framebuffer backends need are among them, and
+/// /proc/cpuinfo (tract's ARM kernel choice) stays readable.
+#[test]
+fn systemd_unit_exposure_is_low_and_its_filter_allows_what_samrt_calls() {
+    let unit_path = Path::new(env!("CARGO_MANIFEST_DIR")).join("boards/samrt.service");
+    let unit = std::fs::read_to_string(&unit_path).unwrap();
+    let Some(analyze) = common::required_program(
+        "systemd-analyze",
+        &["/usr/bin", "/bin"],
+        "apt-get install systemd",
+    ) else {
+        return;
+    };
+    let exposure = unit_exposure(&analyze, &unit_path);
+    assert!(exposure <= 2.0, "exposure {exposure} > 2.0");
+    for key in ["ProcSubset=pid", "PrivateDevices=yes", "PrivateNetwork=yes"] {
+        assert!(
+            !unit.lines().any(|l| l.trim() == key),
+            "{key} would stop samrt working"
+        );
+    }
+    let allowed = unit_allowed_syscalls(&analyze, &unit);
+    // v4l2 (VIDIOC_* ioctls, mmap'd buffers, poll), rppal (gpiochip ioctls, /dev/gpiomem mmap),
+    // the framebuffer (FBIOGET_* ioctls, mmap).
+    for call in ["ioctl", "mmap", "munmap", "poll", "ppoll", "openat"] {
+        assert!(allowed.contains(call), "{call} is filtered out");
+    }
+
+    let Some(strace) = common::required_program("strace", &["/usr/bin"], "apt-get install strace")
+    else {
+        return;
+    };
+    let dir = TempDir::new("syscalls");
+    let mosquitto = common::mosquitto();
+    let broker = mosquitto.as_ref().map(|bin| {
+        let mut broker = common::Broker::persistent(bin, &dir.join("broker"), common::free_port());
+        broker.start();
+        broker
+    });
+    let config = config_in(&dir, |c| {
+        photo_with_a_fixed_point(c);
+        set(c, "source.files.loop", false);
+        set(c, "control.socket", "");
+        set(
+            c,
+            "sinks.stream.unix",
+            dir.join("stream.sock").display().to_string(),
+        );
+        set(
+            c,
+            "sinks.stream.tcp",
+            format!("127.0.0.1:{}", common::free_port()),
+        );
+        set(c, "sinks.display.enabled", true);
+        set(c, "sinks.display.device", "memory");
+        if let Some(b) = &broker {
+            set(c, "sinks.mqtt.enabled", true);
+            set(c, "sinks.mqtt.port", b.port as i64);
+        }
+    });
+    let trace = dir.join("trace");
+    let output = Command::new(strace)
+        .args(["-f", "-qq", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_samrt"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert_eq!(jsonl_records(&dir.join("out")).len(), 1, "{stderr}");
+    let traced = std::fs::read_to_string(&trace).unwrap();
+    let mut called = std::collections::BTreeSet::new();
+    for line in traced.lines() {
+        // "PID name(args) = ret", "PID <... name resumed> ...", "PID +++ exited ...".
+        let rest = line.split_once(' ').map_or(line, |(_, r)| r).trim_start();
+        let name: String = rest
+            .strip_prefix("<... ")
+            .unwrap_or(rest)
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if !name.is_empty() && !rest.starts_with("+++") && !rest.starts_with("---") {
+            called.insert(name);
+        }
+    }
+    assert!(
+        called.contains("read") && called.contains("futex"),
+        "{traced:.2000}"
+    );
+    let refused: Vec<_> = called.difference(&allowed).collect();
+    assert!(
+        refused.is_empty(),
+        "samrt run calls {refused:?}, which boards/samrt.service's SystemCallFilter refuses"
+    );
+}
+
+/// `mosquitto_pub` of one message at QoS 1.
+fn mqtt_publish(port: u16, topic: &str, payload: &str) {
+    let status = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            topic,
+            "-m",
+            payload,
+        ])
+        .status()
+        .expect("mosquitto_pub (apt-get install mosquitto-clients)");
+    assert!(status.success(), "mosquitto_pub {topic} {payload}");
+}
+
+/// The JSON payloads received on `topic`.
+fn mqtt_payloads(subscriber: &common::Subscriber, topic: &str) -> Vec<Value> {
+    subscriber
+        .all()
+        .iter()
+        .filter_map(|l| {
+            let (t, payload) = l.split_once(' ')?;
+            (t == topic).then(|| serde_json::from_str(payload).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn mqtt_commands_are_answered_and_the_last_will_says_offline_after_a_kill() {
+    let Some(mosquitto) = common::mosquitto() else {
+        return;
+    };
+    let dir = TempDir::new("mqtt-cmd");
+    let mut broker = common::Broker::new(&mosquitto, &dir.join("broker"), common::free_port(), "");
+    broker.start();
+    let mqtt = common::Subscriber::start(broker.port, "samrt/#", "samrt-cmd-sub");
+    let config = config_in(&dir, |c| {
+        set(c, "prompts.button.backend", "software");
+        set(c, "sinks.mqtt.enabled", true);
+        set(c, "sinks.mqtt.port", broker.port as i64);
+        set(c, "sinks.mqtt.commands", true);
+    });
+    let service = ServiceProcess::start(&dir, &config);
+    let statuses = || {
+        mqtt.all()
+            .into_iter()
+            .filter_map(|l| l.strip_prefix("samrt/masks/status ").map(str::to_string))
+            .collect::<Vec<_>>()
+    };
+    wait_for("online", Duration::from_secs(20), || {
+        (statuses().last().map(String::as_str) == Some("online")).then_some(())
+    });
+    wait_for("READY=1", Duration::from_secs(10), || {
+        service.notified("READY=1").then_some(())
+    });
+
+    let requests = [
+        r#"{"id": "c1", "points": [[100, 120]]}"#,
+        r#"{"id": "c2", "stats": true}"#,
+        r#"{"id": "c3", "pionts": [[1, 2]]}"#,
+        r#"{"id": "c4", "button": "short"}"#,
+        "not json",
+    ];
+    // A stats request until the first answer comes (a command published before samrt's
+    // subscription took effect reaches nobody), then each request once.
+    wait_for("the first reply", Duration::from_secs(60), || {
+        if mqtt_payloads(&mqtt, "samrt/masks/cmd/reply").is_empty() {
+            mqtt_publish(broker.port, "samrt/masks/cmd", requests[1]);
+            std::thread::sleep(Duration::from_millis(200));
+            return None;
+        }
+        Some(())
+    });
+    for request in requests {
+        mqtt_publish(broker.port, "samrt/masks/cmd", request);
+    }
+    let replies = wait_for("every reply", Duration::from_secs(120), || {
+        let got = mqtt_payloads(&mqtt, "samrt/masks/cmd/reply");
+        let has = |id: &str| got.iter().any(|r| r["id"] == id || r["request_id"] == id);
+        (["c1", "c2", "c3", "c4"].iter().all(|id| has(id))
+            && got
+                .iter()
+                .any(|r| r["id"].is_null() && r["error"].is_string()))
+        .then_some(got)
+    });
+    let by_id = |id: &str| {
+        replies
+            .iter()
+            .find(|r| r["id"] == id || r["request_id"] == id)
+            .unwrap()
+            .clone()
+    };
+    // A prompt: the mask event, as the control socket answers it and as every sink gets it.
+    let c1 = by_id("c1");
+    assert_eq!(c1["source"], "control", "{c1}");
+    assert!(!c1["masks"].as_array().unwrap().is_empty(), "{c1}");
+    let events = wait_for(
+        "the event on samrt/masks/control",
+        Duration::from_secs(10),
+        || {
+            let events = mqtt_payloads(&mqtt, "samrt/masks/control");
+            events
+                .iter()
+                .any(|e| e["request_id"] == "c1")
+                .then_some(events)
+        },
+    );
+    let event = events.iter().find(|e| e["request_id"] == "c1").unwrap();
+    assert_eq!(event, &c1);
+    assert!(
+        by_id("c2")["stats"]["frames_encoded"].is_u64(),
+        "{}",
+        by_id("c2")
+    );
+    let c3 = by_id("c3");
+    assert!(
+        c3["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `pionts`"),
+        "{c3}"
+    );
+    assert_eq!(by_id("c4")["ok"], true);
+
+    // kill -9: no goodbye; the broker publishes the last will.
+    common::send_signal(service.child.id(), 9);
+    wait_for("the last will", Duration::from_secs(20), || {
+        (statuses().last().map(String::as_str) == Some("offline")).then_some(())
+    });
+    assert!(
+        service.log().contains("commands on samrt/masks/cmd"),
+        "{}",
+        service.log()
+    );
 }

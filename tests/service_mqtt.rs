@@ -40,8 +40,10 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 #[derive(Default)]
 struct Inbox {
-    /// (topic, payload) in arrival order.
+    /// (topic, payload) in arrival order, but for samrt's status.
     messages: Vec<(String, Vec<u8>)>,
+    /// (topic, payload, retained) of `{topic}/status`, in arrival order.
+    statuses: Vec<(String, String, bool)>,
     subscribed: bool,
     closed: bool,
 }
@@ -98,7 +100,16 @@ impl Subscriber {
         clean_session: bool,
         credentials: Option<(&str, &str)>,
     ) -> (Subscriber, bool) {
-        let mut stream = TcpStream::connect(broker.address()).expect("subscriber connects");
+        Subscriber::connect_port(broker.port, client_id, clean_session, credentials)
+    }
+
+    fn connect_port(
+        port: u16,
+        client_id: &str,
+        clean_session: bool,
+        credentials: Option<(&str, &str)>,
+    ) -> (Subscriber, bool) {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("subscriber connects");
         stream
             .set_read_timeout(Some(Duration::from_secs(60)))
             .expect("read timeout");
@@ -141,11 +152,13 @@ impl Subscriber {
                                 rest = &rest[2..];
                                 let _ = writer.lock().expect("writer").write_all(&puback);
                             }
-                            inbox
-                                .lock()
-                                .expect("inbox")
-                                .messages
-                                .push((topic, rest.to_vec()));
+                            let mut inbox = inbox.lock().expect("inbox");
+                            if topic.ends_with("/status") {
+                                let text = String::from_utf8_lossy(rest).into_owned();
+                                inbox.statuses.push((topic, text, header & 1 == 1));
+                            } else {
+                                inbox.messages.push((topic, rest.to_vec()));
+                            }
                         }
                         9 => inbox.lock().expect("inbox").subscribed = true,
                         _ => {}
@@ -173,6 +186,11 @@ impl Subscriber {
             .write_all(&mqtt_packet(0x82, &body))
             .expect("send SUBSCRIBE");
         wait_until("SUBACK", || self.inbox.lock().expect("inbox").subscribed);
+    }
+
+    /// The statuses received so far: (topic, payload, retained).
+    fn statuses(&self) -> Vec<(String, String, bool)> {
+        self.inbox.lock().expect("inbox").statuses.clone()
     }
 
     fn count(&self) -> usize {
@@ -478,7 +496,7 @@ fn broker_authentication() {
     wait_until("the refusal", || sink.last_error().is_some());
     let error = sink.last_error().unwrap_or_default();
     assert!(
-        error.contains("not authorized (check [sinks.mqtt] username/password)"),
+        error.contains("not authorized (check [sinks.mqtt] username and password_file"),
         "{error}"
     );
     assert!(!sink.connected());
@@ -493,12 +511,294 @@ fn broker_authentication() {
     let (subscriber, _) = Subscriber::connect(&broker, "test-sub-auth", true, credentials);
     subscriber.subscribe("samrt/#");
     let events: Vec<MaskEvent> = (0..5).map(event).collect();
+    // The password from a file (its first line), never from the config.
+    let secret = dir.0.join("mqtt-password");
+    fs::write(&secret, "s3cret\n").expect("write the password file");
+    fs::set_permissions(&secret, fs::Permissions::from_mode(0o600)).expect("chmod");
     let mut sink = MqttSink::start(&MqttConfig {
         username: Some("samrt".into()),
-        password: Some("s3cret".into()),
+        password_file: Some(secret.display().to_string()),
         ..sink_config(broker.port, "samrt-auth")
     });
     emit_all(&mut sink, &events);
     assert_delivered(&subscriber.wait_for(events.len()), &events, "samrt/masks");
     sink.flush().expect("all acknowledged");
+}
+
+/// Waits for the status `want` (retained) on the subscriber.
+fn wait_for_status(subscriber: &Subscriber, topic: &str, want: &str) {
+    wait_until(&format!("{topic} = {want}"), || {
+        subscriber
+            .statuses()
+            .iter()
+            .any(|(t, payload, _)| t == topic && payload == want)
+    });
+}
+
+#[test]
+fn status_is_online_while_connected_and_offline_after_a_clean_stop() {
+    let Some(exe) = mosquitto() else { return };
+    let dir = TempDir::new("status");
+    let mut broker = Broker::new(&exe, &dir.0, free_port(), "");
+    broker.start();
+    let mut sink = MqttSink::start(&sink_config(broker.port, "samrt-status"));
+    wait_until("the sink to connect", || sink.connected());
+    emit_all(&mut sink, &[event(0)]);
+    sink.flush().expect("acknowledged");
+    // A subscriber that comes later still gets the last status: it is retained.
+    let (late, _) = Subscriber::connect(&broker, "test-sub-status", true, None);
+    late.subscribe("samrt/masks/status");
+    wait_for_status(&late, "samrt/masks/status", "offline");
+    let statuses = late.statuses();
+    assert!(
+        statuses.iter().all(|(_, _, retained)| *retained),
+        "{statuses:?}"
+    );
+
+    let (subscriber, _) = Subscriber::connect(&broker, "test-sub-status-2", true, None);
+    subscriber.subscribe("samrt/masks/status");
+    let sink = MqttSink::start(&sink_config(broker.port, "samrt-status-2"));
+    wait_for_status(&subscriber, "samrt/masks/status", "online");
+    drop(sink);
+    wait_until("offline after the drop", || {
+        subscriber.statuses().last().map(|(_, p, _)| p.as_str()) == Some("offline")
+    });
+}
+
+/// A broker played by the test on a raw socket: accepts one session and never acknowledges.
+#[test]
+fn several_messages_are_in_flight_at_qos_1() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+    let port = listener.local_addr().expect("address").port();
+    let max_inflight = 4;
+    let mut sink = MqttSink::start(&MqttConfig {
+        max_inflight,
+        flush_timeout_ms: 200,
+        ..sink_config(port, "samrt-window")
+    });
+    let (mut stream, _) = listener.accept().expect("the sink connects");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let (header, _) = read_mqtt_packet(&mut stream).expect("CONNECT");
+    assert_eq!(header >> 4, 1, "CONNECT first");
+    stream
+        .write_all(&[0x20, 0x02, 0x00, 0x00])
+        .expect("CONNACK");
+    emit_all(&mut sink, &(0..10).map(event).collect::<Vec<_>>());
+    // The status, then events, until the window is full; nothing more without a PUBACK.
+    let mut packet_ids = Vec::new();
+    for _ in 0..max_inflight {
+        let (header, body) = read_mqtt_packet(&mut stream).expect("PUBLISH");
+        assert_eq!(header >> 4, 3, "PUBLISH, got {header:#x}");
+        assert_eq!((header >> 1) & 3, 1, "QoS 1");
+        let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        packet_ids.push([body[2 + topic_len], body[3 + topic_len]]);
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    assert!(
+        read_mqtt_packet(&mut stream).is_none(),
+        "more than max_inflight = {max_inflight} unacknowledged messages"
+    );
+    // Each PUBACK frees one slot (in order, as brokers acknowledge: the status, the first event).
+    for id in &packet_ids[..2] {
+        stream
+            .write_all(&[0x40, 0x02, id[0], id[1]])
+            .expect("PUBACK");
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    for _ in 0..2 {
+        let (header, _) = read_mqtt_packet(&mut stream).expect("the next PUBLISH");
+        assert_eq!(header >> 4, 3);
+    }
+    stream
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .expect("timeout");
+    assert!(
+        read_mqtt_packet(&mut stream).is_none(),
+        "the window is full again"
+    );
+    wait_until("the acknowledged event to count", || sink.sent() == 1);
+    assert!(sink.flush().is_err(), "the rest is never acknowledged");
+}
+
+/// Runs openssl; panics with its output when it fails.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl (apt-get install openssl)");
+    assert!(
+        output.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A certificate authority `name`.crt/.key in `dir`.
+fn make_ca(dir: &std::path::Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+}
+
+/// A certificate `name`.crt/.key signed by `ca`, with the extensions of `extensions`.
+fn make_cert(dir: &std::path::Path, ca: &str, name: &str, extensions: &str) {
+    fs::write(dir.join(format!("{name}.ext")), extensions).expect("write extensions");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{name}.csr"),
+            "-CA",
+            &format!("{ca}.crt"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &format!("{name}.ext"),
+            "-out",
+            &format!("{name}.crt"),
+        ],
+    );
+    // mosquitto drops to its own user and must read its key.
+    fs::set_permissions(
+        dir.join(format!("{name}.key")),
+        fs::Permissions::from_mode(0o644),
+    )
+    .expect("chmod");
+}
+
+#[test]
+fn tls_with_a_ca_and_client_certificates_and_a_wrong_ca_refused() {
+    let Some(exe) = mosquitto() else { return };
+    let dir = TempDir::new("tls");
+    let pki = dir.0.join("pki");
+    fs::create_dir_all(&pki).expect("mkdir");
+    fs::set_permissions(&pki, fs::Permissions::from_mode(0o755)).expect("chmod");
+    make_ca(&pki, "ca");
+    make_ca(&pki, "other-ca");
+    make_cert(
+        &pki,
+        "ca",
+        "broker",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    make_cert(&pki, "ca", "device", "extendedKeyUsage=clientAuth\n");
+    // TLS with client certificates on the broker's first port; the test's subscriber on a
+    // second, plain one.
+    let plain = free_port();
+    let extra = format!(
+        "cafile {0}/ca.crt\ncertfile {0}/broker.crt\nkeyfile {0}/broker.key\n\
+         require_certificate true\nlistener {plain} 127.0.0.1\n",
+        pki.display()
+    );
+    let mut broker = Broker::new(&exe, &dir.0, free_port(), &extra);
+    broker.start();
+    wait_until("the plain listener", || {
+        TcpStream::connect(("127.0.0.1", plain)).is_ok()
+    });
+    let (subscriber, _) = Subscriber::connect_port(plain, "test-sub-tls", true, None);
+    subscriber.subscribe("samrt/#");
+    let file = |name: &str| Some(pki.join(name).display().to_string());
+    let tls = |client_id: &str| MqttConfig {
+        tls: true,
+        ca_file: file("ca.crt"),
+        client_cert_file: file("device.crt"),
+        client_key_file: file("device.key"),
+        flush_timeout_ms: 500,
+        ..sink_config(broker.port, client_id)
+    };
+
+    let events: Vec<MaskEvent> = (0..12).map(event).collect();
+    let mut sink = MqttSink::start(&tls("samrt-tls"));
+    emit_all(&mut sink, &events);
+    assert_delivered(&subscriber.wait_for(events.len()), &events, "samrt/masks");
+    wait_for_status(&subscriber, "samrt/masks/status", "online");
+    sink.flush().expect("all acknowledged over TLS");
+    assert_eq!(sink.sent(), events.len() as u64);
+
+    // A broker whose certificate the CA does not sign: refused, and the error says what to fix.
+    let mut sink = MqttSink::start(&MqttConfig {
+        ca_file: file("other-ca.crt"),
+        ..tls("samrt-wrong-ca")
+    });
+    emit_all(&mut sink, &[event(100)]);
+    wait_until("the refusal", || sink.last_error().is_some());
+    let error = sink.last_error().unwrap_or_default();
+    assert!(
+        error.contains("certificate") && error.contains("ca_file"),
+        "{error}"
+    );
+    assert!(!sink.connected());
+    let error = sink.flush().expect_err("never sent").to_string();
+    assert!(error.contains("1 message still queued"), "{error}");
+
+    // Without the client certificate the broker requires: no connection.
+    let mut sink = MqttSink::start(&MqttConfig {
+        client_cert_file: None,
+        client_key_file: None,
+        ..tls("samrt-no-client-cert")
+    });
+    emit_all(&mut sink, &[event(101)]);
+    wait_until("the refusal", || sink.last_error().is_some());
+    assert!(!sink.connected());
+    assert!(sink.flush().is_err());
+    assert_eq!(subscriber.count(), events.len(), "nothing else arrived");
+
+    // Plain MQTT against the TLS port: a clear error too.
+    let mut sink = MqttSink::start(&MqttConfig {
+        flush_timeout_ms: 300,
+        ..sink_config(broker.port, "samrt-plain-to-tls")
+    });
+    wait_until("the failure", || sink.last_error().is_some());
+    assert!(!sink.connected());
+    assert!(sink.flush().is_ok(), "nothing was queued");
 }

@@ -207,11 +207,14 @@ impl ControlServer {
                         scope.spawn(move || {
                             let client = Client {
                                 stream,
-                                jobs,
-                                shared,
-                                config,
-                                button,
-                                reply_timeout: self.reply_timeout,
+                                responder: Responder {
+                                    jobs,
+                                    shared,
+                                    config,
+                                    button,
+                                    reply_timeout: self.reply_timeout,
+                                    via: "control socket",
+                                },
                             };
                             if let Err(e) = client.serve() {
                                 log::debug!("control client: {e}");
@@ -238,11 +241,18 @@ impl Drop for ControlServer {
 
 struct Client<'a> {
     stream: UnixStream,
-    jobs: SyncSender<Job>,
-    shared: &'a Shared,
-    config: &'a ServiceConfig,
-    button: Option<SoftwareButton>,
-    reply_timeout: Duration,
+    responder: Responder<'a>,
+}
+
+/// Answers requests, whichever way they came (the control socket, MQTT's `{topic}/cmd`).
+pub struct Responder<'a> {
+    pub jobs: SyncSender<Job>,
+    pub shared: &'a Shared,
+    pub config: &'a ServiceConfig,
+    pub button: Option<SoftwareButton>,
+    pub reply_timeout: Duration,
+    /// Where requests come from, for the log: "control socket", "mqtt command".
+    pub via: &'static str,
 }
 
 impl Client<'_> {
@@ -260,13 +270,13 @@ impl Client<'_> {
                 if std::mem::take(&mut skipping) {
                     continue;
                 }
-                let answer = self.answer(&line[..line.len() - 1]);
+                let answer = self.responder.answer(&line[..line.len() - 1]);
                 writeln!(self.stream, "{answer}")?;
             }
             if pending.len() > MAX_REQUEST_BYTES {
                 pending.clear();
                 if !skipping {
-                    bump(&self.shared.stats.control_errors);
+                    bump(&self.responder.shared.stats.control_errors);
                     writeln!(
                         self.stream,
                         "{}",
@@ -275,7 +285,7 @@ impl Client<'_> {
                 }
                 skipping = true;
             }
-            if self.shared.stopping() {
+            if self.responder.shared.stopping() {
                 return Ok(());
             }
             match reader.read(&mut chunk) {
@@ -290,8 +300,12 @@ impl Client<'_> {
             }
         }
     }
+}
 
-    fn answer(&self, line: &[u8]) -> Value {
+impl Responder<'_> {
+    /// The answer to one request line (without its newline): the mask event's record, the
+    /// stats, `{"ok": true}` or `{"id": ..., "error": ...}`.
+    pub fn answer(&self, line: &[u8]) -> Value {
         let received = Instant::now();
         let text = String::from_utf8_lossy(line);
         let text = text.trim();
@@ -302,7 +316,7 @@ impl Client<'_> {
             Ok(request) => request,
             Err((id, error)) => {
                 bump(&self.shared.stats.control_errors);
-                log::warn!("control socket: bad request: {error}");
+                log::warn!("{}: bad request: {error}", self.via);
                 return json!({"id": id, "error": error});
             }
         };

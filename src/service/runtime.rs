@@ -23,10 +23,10 @@ use serde_json::Value;
 
 use super::button::{start_button, ButtonEdge, ButtonHandle, ButtonPress, Debouncer, PressKind};
 use super::config::ServiceConfig;
-use super::control::ControlServer;
+use super::control::{ControlServer, Responder};
 use super::display::DisplaySink;
 use super::files_sink::FilesSink;
-use super::mqtt::MqttSink;
+use super::mqtt::{MqttCommands, MqttSink};
 use super::notify::Notifier;
 use super::priority::PromptPriority;
 use super::sink::{EventMask, MaskEvent, PromptOrigin, Sink};
@@ -710,6 +710,8 @@ pub struct Service {
     button: ButtonHandle,
     button_edges: Receiver<ButtonEdge>,
     control: Option<ControlServer>,
+    /// `[sinks.mqtt] commands`: requests from the broker, answered like the control socket's.
+    mqtt_commands: Option<MqttCommands>,
     threads: usize,
 }
 
@@ -762,8 +764,14 @@ impl Service {
         if !s.stream.unix.is_empty() || !s.stream.tcp.is_empty() {
             sinks.push(Box::new(StreamSink::open(&s.stream)?));
         }
+        let mut mqtt_commands = None;
         if s.mqtt.enabled {
-            sinks.push(Box::new(MqttSink::start(&s.mqtt)));
+            let mut mqtt = MqttSink::start(&s.mqtt);
+            if let Some(failure) = mqtt.failure() {
+                return Err(failure.to_string());
+            }
+            mqtt_commands = mqtt.take_commands();
+            sinks.push(Box::new(mqtt));
         }
         if s.display.enabled {
             sinks.push(Box::new(
@@ -787,6 +795,7 @@ impl Service {
             button,
             button_edges,
             control,
+            mqtt_commands,
             threads,
         })
     }
@@ -804,6 +813,7 @@ impl Service {
             button,
             button_edges,
             control,
+            mqtt_commands,
             threads,
         } = self;
         let shared = Shared::default();
@@ -849,6 +859,23 @@ impl Service {
                 let jobs = job_tx.clone();
                 let software_button = software_button.clone();
                 scope.spawn(move || server.serve(jobs, shared_ref, config_ref, software_button))
+            });
+            let mqtt_scope = mqtt_commands.map(|commands| {
+                let responder = Responder {
+                    jobs: job_tx.clone(),
+                    shared: shared_ref,
+                    config: config_ref,
+                    button: software_button.clone(),
+                    reply_timeout: Duration::from_secs_f64(config_ref.control.reply_timeout_s),
+                    via: "mqtt command",
+                };
+                scope.spawn(move || {
+                    while !responder.shared.stopping() {
+                        if let Some(command) = commands.next(POLL) {
+                            commands.reply(&responder.answer(&command));
+                        }
+                    }
+                })
             });
             // The decoder's operators run on a pool of their own: in the shared one they would
             // wait behind the tasks of the encoder operator in flight when a prompt arrives.
@@ -904,8 +931,12 @@ impl Service {
                 if source_finished.load(Ordering::Relaxed)
                     && encoder.is_finished()
                     && control_scope.is_none()
+                    && mqtt_scope.is_none()
                 {
-                    log::info!("the source finished and there is no control socket: stopping");
+                    log::info!(
+                        "the source finished and there is no control socket or MQTT command \
+                         topic: stopping"
+                    );
                     break;
                 }
                 if let Some(every) = watchdog_every {
@@ -931,6 +962,9 @@ impl Service {
             drop(button);
             let _ = button_thread.join();
             if let Some(handle) = control_scope {
+                let _ = handle.join();
+            }
+            if let Some(handle) = mqtt_scope {
                 let _ = handle.join();
             }
             drop(job_tx);

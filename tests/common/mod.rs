@@ -227,7 +227,16 @@ impl Subscriber {
         Subscriber { child, lines }
     }
 
+    /// Every "topic payload" line but those of samrt's retained `{topic}/status`.
     pub fn received(&self) -> Vec<String> {
+        self.all()
+            .into_iter()
+            .filter(|l| !l.split(' ').next().unwrap_or("").ends_with("/status"))
+            .collect()
+    }
+
+    /// Every line, status included.
+    pub fn all(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
     }
 }
@@ -264,18 +273,28 @@ pub fn find_program(name: &str, dirs: &[&str]) -> Option<PathBuf> {
 
 /// The mosquitto binary; `None` (after saying so) when the test is to be skipped.
 pub fn mosquitto() -> Option<PathBuf> {
-    if let Some(found) = find_program("mosquitto", &["/usr/sbin", "/usr/local/sbin"]) {
+    required_program(
+        "mosquitto",
+        &["/usr/sbin", "/usr/local/sbin"],
+        "apt-get install mosquitto mosquitto-clients",
+    )
+}
+
+/// A program a test needs (`.ci/run` installs it): `None`, after saying so, when it is missing
+/// and the test is to be skipped; a failure instead with SAMRT_REQUIRE_SERVERS=1.
+pub fn required_program(name: &str, dirs: &[&str], install: &str) -> Option<PathBuf> {
+    if let Some(found) = find_program(name, dirs) {
         return Some(found);
     }
     if std::env::var("SAMRT_REQUIRE_SERVERS").as_deref() == Ok("1") {
         panic!(
-            "mosquitto is not installed and SAMRT_REQUIRE_SERVERS=1 requires it: install it with \
-             `apt-get install mosquitto mosquitto-clients`"
+            "{name} is not installed and SAMRT_REQUIRE_SERVERS=1 requires it: install it with \
+             `{install}`"
         );
     }
     eprintln!(
-        "skipped: mosquitto not installed (apt-get install mosquitto mosquitto-clients; \
-         SAMRT_REQUIRE_SERVERS=1 turns this into a failure)"
+        "skipped: {name} not installed ({install}; SAMRT_REQUIRE_SERVERS=1 turns this into a \
+         failure)"
     );
     None
 }
