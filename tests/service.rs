@@ -125,6 +125,10 @@ struct ServiceProcess {
 
 impl ServiceProcess {
     fn start(dir: &TempDir, config: &Path) -> Self {
+        Self::start_with_env(dir, config, &[])
+    }
+
+    fn start_with_env(dir: &TempDir, config: &Path, env: &[(&str, &str)]) -> Self {
         let notify_path = dir.join("notify.sock");
         let notify = UnixDatagram::bind(&notify_path).unwrap();
         let notifications = Arc::new(Mutex::new(Vec::new()));
@@ -145,6 +149,7 @@ impl ServiceProcess {
             .env("RUST_LOG", "info")
             .env("NOTIFY_SOCKET", &notify_path)
             .env("WATCHDOG_USEC", "1000000")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
@@ -1340,6 +1345,29 @@ fn mqtt_commands_are_answered_and_the_last_will_says_offline_after_a_kill() {
     );
     assert_eq!(by_id("c4")["ok"], true);
 
+    // Mutated payloads: each gets exactly one reply.
+    let before = mqtt_payloads(&mqtt, "samrt/masks/cmd/reply").len();
+    let mut mutator = common::Mutator::new(0x4D51_5454);
+    let sent = 20;
+    for case in 0..sent {
+        mqtt_publish(
+            broker.port,
+            "samrt/masks/cmd",
+            &mutated_request(&mut mutator, case),
+        );
+    }
+    wait_for(
+        "a reply to each mutated command",
+        Duration::from_secs(120),
+        || (mqtt_payloads(&mqtt, "samrt/masks/cmd/reply").len() >= before + sent).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        mqtt_payloads(&mqtt, "samrt/masks/cmd/reply").len(),
+        before + sent,
+        "one reply per command"
+    );
+
     // kill -9: no goodbye; the broker publishes the last will.
     common::send_signal(service.child.id(), 9);
     wait_for("the last will", Duration::from_secs(20), || {
@@ -1349,5 +1377,74 @@ fn mqtt_commands_are_answered_and_the_last_will_says_offline_after_a_kill() {
         service.log().contains("commands on samrt/masks/cmd"),
         "{}",
         service.log()
+    );
+}
+
+/// Requests whose mutations stay quick to answer (no segment everything, no long press).
+const QUICK_REQUESTS: &[&str] = &[
+    r#"{"id": "a", "points": [[100, 120]]}"#,
+    r#"{"id": 7, "points": [[60, 60], [150, 100, 0]], "multimask": true}"#,
+    r#"{"id": "b", "box": [20, 30, 200, 180]}"#,
+    r#"{"button": "short"}"#,
+    r#"{"stats": true}"#,
+];
+
+/// One mutated request line (no newline inside, so that it stays one request).
+fn mutated_request(mutator: &mut common::Mutator, case: usize) -> String {
+    let bytes = mutator.mutate(QUICK_REQUESTS[case % QUICK_REQUESTS.len()].as_bytes());
+    String::from_utf8_lossy(&bytes)
+        .replace(['\n', '\r'], " ")
+        .replace("everything", "x")
+}
+
+#[test]
+fn mutated_requests_are_all_answered_and_a_panicking_job_is_caught() {
+    let dir = TempDir::new("bad-requests");
+    let config = config_in(&dir, |c| {
+        set(c, "prompts.button.backend", "software");
+        set(c, "prompts.button.long_press_ms", 100_000);
+    });
+    // Debug builds only: the request with this id panics inside its decoder job.
+    let mut service =
+        ServiceProcess::start_with_env(&dir, &config, &[("SAMRT_DEBUG_PANIC_REQUEST", "boom")]);
+    let mut control = service.connect();
+    let warm = control.request(r#"{"id": "warm", "points": [[100, 120]]}"#);
+    assert!(warm["masks"].is_array(), "{warm}");
+
+    let mut mutator = common::Mutator::new(0x0BAD_11E5);
+    let mut errors = 0;
+    for case in 0..150 {
+        let line = mutated_request(&mut mutator, case);
+        let answer = control.request(&line);
+        let kinds = ["error", "masks", "stats", "ok"];
+        assert!(
+            kinds.iter().any(|k| answer.get(k).is_some()),
+            "case {case}: {line:?} got {answer}"
+        );
+        if answer.get("error").is_some() {
+            errors += 1;
+        }
+    }
+    assert!(
+        errors > 10,
+        "only {errors} of the mutated requests were refused"
+    );
+
+    // A panic inside a job: answered as an error, counted, and the service goes on.
+    let boom = control.request(r#"{"id": "boom", "points": [[100, 120]]}"#);
+    let error = boom["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("internal error") && error.contains("SAMRT_DEBUG_PANIC_REQUEST"),
+        "{boom}"
+    );
+    assert_eq!(control.stats()["panics"], 1);
+    let after = control.request(r#"{"id": "after", "points": [[100, 120]]}"#);
+    assert!(after["masks"].is_array(), "{after}");
+    let status = service.terminate();
+    assert!(status.success(), "exit {status}:\n{}", service.log());
+    let log = service.log();
+    assert!(
+        log.contains("panicked") && log.contains("please report it"),
+        "{log}"
     );
 }

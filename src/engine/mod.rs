@@ -125,6 +125,28 @@ fn model_error(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
+/// Runs a model load; a panic inside it (tract or samrt's graph rewriting meeting a file they do
+/// not expect) becomes the file's error instead of taking the process down.
+fn load_guarded<T>(path: &Path, load: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            Err(model_error(
+                path,
+                format!(
+                    "loading it failed inside the engine ({message}): the file is damaged or not \
+                     a supported export; re-copy or re-export it"
+                ),
+            ))
+        }
+    }
+}
+
 fn parse_onnx(path: &Path, bytes: &[u8]) -> Result<InferenceModel> {
     Ok(parse_onnx_with(path, bytes, Fusions::NONE)?.0)
 }
@@ -393,6 +415,10 @@ impl ImageEncoder {
         bytes: &[u8],
         options: EncoderOptions,
     ) -> Result<Self> {
+        load_guarded(path, || Self::load(path, bytes, options))
+    }
+
+    fn load(path: &Path, bytes: &[u8], options: EncoderOptions) -> Result<Self> {
         if options.f16 {
             half::check_cpu().map_err(|reason| model_error(path, reason))?;
         }
@@ -917,6 +943,10 @@ fn input_to_const(model: &mut TypedModel, index: usize, value: Tensor) -> TractR
 impl MaskDecoder {
     /// Builds the decoder plan from the bytes of an ONNX file exported by Meta's `SamOnnxModel`.
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        load_guarded(path, || Self::load(path, bytes))
+    }
+
+    fn load(path: &Path, bytes: &[u8]) -> Result<Self> {
         let fusions = Fusions {
             attention: std::env::var("SAMRT_FUSED_ATTENTION").map_or(true, |v| v != "0"),
             ..Fusions::DECODER
@@ -1338,6 +1368,10 @@ impl ObjectDetector {
     /// Builds the plan; the model's input must be uint8 [1, H, W, 3] and its outputs `boxes` and
     /// `scores`.
     pub fn from_onnx_bytes(path: &Path, bytes: &[u8]) -> Result<Self> {
+        load_guarded(path, || Self::load(path, bytes))
+    }
+
+    fn load(path: &Path, bytes: &[u8]) -> Result<Self> {
         let mut model = parse_onnx(path, bytes)?;
         model
             .select_outputs_by_name(["boxes", "scores"])

@@ -303,9 +303,12 @@ fn encode_loop(
             }
         };
         give_way();
-        let embedded = predictor
-            .preprocess(&frame.image)
-            .and_then(|image| predictor.encode_yielding(&image, &give_way));
+        let embedded = guarded(stats, "the encoder", || {
+            predictor
+                .preprocess(&frame.image)
+                .and_then(|image| predictor.encode_yielding(&image, &give_way))
+                .map_err(|e| e.to_string())
+        });
         match embedded {
             Ok(embedding) => {
                 stats.record_encode_ms(start.elapsed().as_secs_f64() * 1e3);
@@ -324,6 +327,49 @@ fn encode_loop(
                 bump(&stats.encode_errors);
                 errors
                     .warn(|| format!("cannot encode frame {} ({}): {e}", frame.seq, frame.origin));
+            }
+        }
+    }
+}
+
+/// Runs `job`; a panic inside it becomes an error naming `what`, counted in `panics` and logged.
+fn guarded<T>(
+    stats: &Stats,
+    what: &str,
+    job: impl FnOnce() -> Result<T, String>,
+) -> Result<T, String> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)) {
+        Ok(result) => result,
+        Err(payload) => {
+            bump(&stats.panics);
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic without a message".into());
+            log::error!(
+                "{what} panicked: {message}. The job was dropped and the service goes on; this is \
+                 a bug, please report it with the log"
+            );
+            Err(format!(
+                "internal error in {what}: {message} (a bug: the job was dropped, the service \
+                 goes on)"
+            ))
+        }
+    }
+}
+
+/// Debug builds only (what the tests run): a control request whose id is
+/// `$SAMRT_DEBUG_PANIC_REQUEST` panics inside its job, so that the tests see a real panic caught
+/// at the job boundary. Release builds have no such hook.
+fn inject_panic(origin: &PromptOrigin) {
+    if cfg!(debug_assertions) {
+        if let PromptOrigin::Control {
+            request_id: Some(id),
+        } = origin
+        {
+            if std::env::var("SAMRT_DEBUG_PANIC_REQUEST").is_ok_and(|want| &want == id) {
+                panic!("injected by SAMRT_DEBUG_PANIC_REQUEST for request {id:?}");
             }
         }
     }
@@ -433,6 +479,7 @@ impl Decoder<'_> {
             Some(_) => format!("{} prompt", origin.kind()),
             None => "segment everything".to_string(),
         };
+        inject_panic(&origin);
         let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
             return self.fail(
                 reply,
@@ -456,7 +503,11 @@ impl Decoder<'_> {
         }
     }
 
+    /// Runs one job. A panic inside it (a bug, in samrt or a model's operator) is caught here:
+    /// counted, logged, answered as an error to whoever asked, and the next job runs.
     fn run_job(&mut self, job: Job) {
+        let shared = self.shared;
+        let stats = &shared.stats;
         match job {
             Job::Prompt {
                 origin,
@@ -465,7 +516,15 @@ impl Decoder<'_> {
                 received,
                 reply,
             } => {
-                self.answer(origin, Some(prompt), multimask, received, reply);
+                let what = format!("{} prompt", origin.kind());
+                let asked = reply.clone();
+                let outcome = guarded(stats, &what, || {
+                    self.answer(origin, Some(prompt), multimask, received, reply);
+                    Ok(())
+                });
+                if let Err(error) = outcome {
+                    self.fail(asked, &what, error);
+                }
                 self.shared.priority.end();
             }
             Job::Everything {
@@ -473,10 +532,24 @@ impl Decoder<'_> {
                 received,
                 reply,
             } => {
-                self.answer(origin, None, false, received, reply);
+                let asked = reply.clone();
+                let outcome = guarded(stats, "segment everything", || {
+                    self.answer(origin, None, false, received, reply);
+                    Ok(())
+                });
+                if let Err(error) = outcome {
+                    self.fail(asked, "segment everything", error);
+                }
                 self.shared.priority.end();
             }
-            Job::Encoded(encoded) => self.per_frame(&encoded),
+            Job::Encoded(encoded) => {
+                if let Err(error) = guarded(stats, "the per-frame prompts", || {
+                    self.per_frame(&encoded);
+                    Ok(())
+                }) {
+                    self.fail(None, "the per-frame prompts", error);
+                }
+            }
         }
     }
 

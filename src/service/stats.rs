@@ -38,6 +38,9 @@ pub struct Stats {
     pub control_errors: AtomicU64,
     /// Events a sink failed to take.
     pub sink_errors: AtomicU64,
+    /// Jobs (an encode, a prompt, a frame's prompts) that panicked: caught at the job boundary,
+    /// reported, and the service went on. Each is a bug.
+    pub panics: AtomicU64,
     /// Times the encoder gave way to a prompt, and for how long in all (µs).
     pub encoder_holds: AtomicU64,
     encoder_held_us: AtomicU64,
@@ -65,6 +68,7 @@ impl Default for Stats {
             prompts_refused: AtomicU64::new(0),
             control_errors: AtomicU64::new(0),
             sink_errors: AtomicU64::new(0),
+            panics: AtomicU64::new(0),
             encoder_holds: AtomicU64::new(0),
             encoder_held_us: AtomicU64::new(0),
             encode_ms: Mutex::new(HistoryBuf::new()),
@@ -171,6 +175,7 @@ impl Stats {
             "prompts_refused": get(&self.prompts_refused),
             "control_errors": get(&self.control_errors),
             "sink_errors": get(&self.sink_errors),
+            "panics": get(&self.panics),
             "encode_ms_p50": percentile(&self.encode_ms, 0.5),
             "prompt_ms_p50": percentile(&self.prompt_ms, 0.5),
             "prompt_ms_p95": percentile(&self.prompt_ms, 0.95),
@@ -188,12 +193,12 @@ impl Stats {
         format!(
             "frames {} captured, {} encoded ({} fps), {} skipped, {} dropped, {} corrupt; encode {} ms; \
              {} events, press→mask p50 {} ms p95 {} ms (decoding {} ms; encoder gave way {} times, {} ms); \
-             errors: source {}, prompts {}, sinks {}; rss {} MB",
+             errors: source {}, prompts {}, sinks {}, panics {}; rss {} MB",
             s["frames_captured"], s["frames_encoded"], s["encode_fps"], s["frames_skipped"],
             s["frames_dropped_by_source"], s["frames_corrupt"], s["encode_ms_p50"], s["events"],
             s["prompt_ms_p50"], s["prompt_ms_p95"], s["decode_ms_p50"], s["encoder_holds"],
             s["encoder_held_ms"], s["source_errors"], s["prompt_errors"],
-            s["sink_errors"],
+            s["sink_errors"], s["panics"],
             s["rss_bytes"].as_u64().map_or("?".to_string(), |b| (b >> 20).to_string()),
         )
     }

@@ -447,3 +447,73 @@ impl Drop for Broker {
         self.kill();
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Seeded mutation, for the bad-input tests: the same seed gives the same cases on every run.
+// ---------------------------------------------------------------------------------------------
+
+/// A byte mutator in the manner of a dumb fuzzer (bit flips, random and boundary bytes, deleted,
+/// repeated and inserted runs, truncation), driven by a seeded xorshift64* generator.
+pub struct Mutator(u64);
+
+impl Mutator {
+    pub fn new(seed: u64) -> Self {
+        Mutator(seed | 1)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    /// 0..n (0 when n is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (self.next_u64() % n as u64) as usize
+        }
+    }
+
+    /// `input` with one to four mutations, each at a position in `within` (clamped to the input).
+    pub fn mutate_within(&mut self, input: &[u8], within: std::ops::Range<usize>) -> Vec<u8> {
+        const BOUNDARY: [u8; 12] = [
+            0, 0xFF, 0x7F, 0x80, b'"', b'[', b']', b'{', b'}', b'-', b'9', b'.',
+        ];
+        let mut out = input.to_vec();
+        for _ in 0..1 + self.below(4) {
+            let end = within.end.min(out.len());
+            let start = within.start.min(end);
+            let at = start + self.below(end - start);
+            match self.below(7) {
+                0 if at < out.len() => out[at] ^= 1 << self.below(8),
+                1 if at < out.len() => out[at] = self.next_u64() as u8,
+                2 if at < out.len() => out[at] = BOUNDARY[self.below(BOUNDARY.len())],
+                3 => {
+                    let len = self.below(16).min(out.len() - at);
+                    out.drain(at..at + len);
+                }
+                4 => {
+                    let len = self.below(16).min(out.len() - at);
+                    let run = out[at..at + len].to_vec();
+                    out.splice(at..at, run);
+                }
+                5 => {
+                    let run: Vec<u8> = (0..1 + self.below(8))
+                        .map(|_| self.next_u64() as u8)
+                        .collect();
+                    out.splice(at..at, run);
+                }
+                _ => out.truncate(at),
+            }
+        }
+        out
+    }
+
+    /// `input` with one to four mutations anywhere.
+    pub fn mutate(&mut self, input: &[u8]) -> Vec<u8> {
+        self.mutate_within(input, 0..input.len())
+    }
+}
