@@ -29,4 +29,6 @@ pub use predictor::{Embedding, MaskOutput, PredictedMask, Prediction, SamPredict
 pub use preprocess::Size;
 pub use prompt::{BoxPrompt, PointLabel, PointPrompt, Prompt};
 pub use rle::CocoRle;
+/// `samrt run`, the on-board service: Linux only (V4L2, GPIO, framebuffer, systemd, Unix sockets).
+#[cfg(target_os = "linux")]
 pub mod service;

@@ -938,6 +938,15 @@ fn bench(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
+#[cfg(not(target_os = "linux"))]
+fn run(_args: &RunArgs) -> Result<()> {
+    anyhow::bail!(
+        "`samrt run` is the on-board service and needs Linux (V4L2, GPIO, framebuffer, systemd); \
+         the other subcommands work here"
+    )
+}
+
+#[cfg(target_os = "linux")]
 fn run(args: &RunArgs) -> Result<()> {
     use samrt::service::{load_config, notify::Notifier, Service};
     let loaded = load_config(&args.config).map_err(anyhow::Error::msg)?;

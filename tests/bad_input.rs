@@ -8,6 +8,8 @@
 //! The running service's side (every mutated line answered, a panic inside a job caught and
 //! counted) is in tests/service.rs.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::path::Path;

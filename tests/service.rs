@@ -5,6 +5,8 @@
 //! malformed requests, a broker that goes down and comes back); a soak of 1000+ frames with flat
 //! memory.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::io::{BufRead, BufReader, Write};

@@ -9,6 +9,8 @@
 //! off, QoS 1) on a broker with persistence on: the broker keeps the messages published while the
 //! subscriber is not connected yet, so no test depends on who reconnects first.
 
+#![cfg(target_os = "linux")]
+
 mod common;
 
 use std::fs;

@@ -1079,6 +1079,11 @@ impl Sink for DisplaySink {
         self.emit_at(event, Instant::now())
     }
 
+    /// The display draws the event; the record is not used.
+    fn emit_line(&mut self, event: &MaskEvent, _line: &[u8]) -> Result<(), SinkError> {
+        self.emit_at(event, Instant::now())
+    }
+
     fn flush(&mut self) -> Result<(), SinkError> {
         match self.pending.take() {
             Some(event) => self.redraw(&event, Instant::now()),

@@ -203,9 +203,7 @@ impl Sink for FilesSink {
         NAME
     }
 
-    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError> {
-        let mut line = serde_json::to_vec(&event.to_json()).expect("JSON serializes");
-        line.push(b'\n');
+    fn emit_line(&mut self, event: &MaskEvent, line: &[u8]) -> Result<(), SinkError> {
         // PNGs of binary masks compress to well under 1/8 of a byte per pixel.
         let estimate = line.len() as u64
             + if self.config.png {
@@ -222,7 +220,7 @@ impl Sink for FilesSink {
             self.dropped += 1;
             return Err(e);
         }
-        if let Err(e) = self.append_line(&line) {
+        if let Err(e) = self.append_line(line) {
             self.dropped += 1;
             return Err(e);
         }

@@ -1163,15 +1163,14 @@ impl Sink for MqttSink {
     }
 
     /// Queues the event's JSON record; never waits for the network.
-    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError> {
+    fn emit_line(&mut self, event: &MaskEvent, line: &[u8]) -> Result<(), SinkError> {
         if let Some(failure) = &self.failure {
             return Err(SinkError::new(self.name(), failure));
         }
         let Some(core) = &self.core else {
             return Err(SinkError::new("mqtt", "the sink is not running"));
         };
-        let payload = serde_json::to_vec(&event.to_json())
-            .map_err(|e| SinkError::new("mqtt", format!("cannot serialize event: {e}")))?;
+        let payload = line.strip_suffix(b"\n").unwrap_or(line).to_vec();
         let topic = format!("{}/{}", core.prefix, event.origin.kind());
         // Topic field, packet id, payload, within the largest packet MQTT can encode.
         if 2 + topic.len() + 2 + payload.len() > MAX_PACKET - 5 {

@@ -29,7 +29,7 @@ use super::files_sink::FilesSink;
 use super::mqtt::{MqttCommands, MqttSink};
 use super::notify::Notifier;
 use super::priority::PromptPriority;
-use super::sink::{EventMask, MaskEvent, PromptOrigin, Sink};
+use super::sink::{json_line, EventMask, MaskEvent, PromptOrigin, Sink};
 use super::source::{open_source, FrameSource, SourceError};
 use super::stats::{bump, Stats};
 use super::stream::StreamSink;
@@ -381,7 +381,8 @@ struct Decoder<'a> {
     detector: Option<&'a Detector>,
     config: &'a ServiceConfig,
     shared: &'a Shared,
-    events: SyncSender<MaskEvent>,
+    /// Each event with its JSON record, serialized once for every sink.
+    events: SyncSender<(MaskEvent, Vec<u8>)>,
     next_event_id: u64,
     threads: usize,
 }
@@ -415,8 +416,9 @@ impl Decoder<'_> {
         self.next_event_id += 1;
         bump(&self.shared.stats.events);
         let json = event.to_json();
+        let line = json_line(&json);
         // Blocks while the sinks are behind: an event once produced is never dropped here.
-        let _ = self.events.send(event);
+        let _ = self.events.send((event, line));
         json
     }
 
@@ -746,14 +748,18 @@ pub fn submit(jobs: &SyncSender<Job>, job: Job, shared: &Shared, what: &str) -> 
     }
 }
 
-fn sink_loop(events: Receiver<MaskEvent>, mut sinks: Vec<Box<dyn Sink>>, shared: &Shared) {
+fn sink_loop(
+    events: Receiver<(MaskEvent, Vec<u8>)>,
+    mut sinks: Vec<Box<dyn Sink>>,
+    shared: &Shared,
+) {
     let mut logs: Vec<RateLimitedLog> = sinks
         .iter()
         .map(|_| RateLimitedLog::new(Duration::from_secs(30)))
         .collect();
-    for event in events {
+    for (event, line) in events {
         for (sink, log) in sinks.iter_mut().zip(&mut logs) {
-            if let Err(e) = sink.emit(&event) {
+            if let Err(e) = sink.emit_line(&event, &line) {
                 bump(&shared.stats.sink_errors);
                 log.warn(|| e.to_string());
             }
@@ -892,7 +898,8 @@ impl Service {
         let shared = Shared::default();
         let latest = LatestFrame::default();
         let (job_tx, job_rx) = mpsc::sync_channel::<Job>(config.service.prompt_queue);
-        let (event_tx, event_rx) = mpsc::sync_channel::<MaskEvent>(config.service.sink_queue);
+        let (event_tx, event_rx) =
+            mpsc::sync_channel::<(MaskEvent, Vec<u8>)>(config.service.sink_queue);
         let per_frame_prompts = config.prompts.fixed.every_n_frames > 0 || detector.is_some();
         let debouncer = Debouncer::new(
             Duration::from_millis(config.prompts.button.debounce_ms),

@@ -130,6 +130,13 @@ impl MaskEvent {
     }
 }
 
+/// A record as one line: its JSON and a newline.
+pub fn json_line(record: &Value) -> Vec<u8> {
+    let mut line = serde_json::to_vec(record).expect("a JSON value serializes");
+    line.push(b'\n');
+    line
+}
+
 /// A prompt as JSON: `{"points": [[x, y, label], ...], "box": [x0, y0, x1, y1]}`.
 pub fn prompt_json(prompt: &Prompt) -> Value {
     let points: Vec<Value> = prompt
@@ -175,7 +182,12 @@ pub trait Sink: Send {
     /// A short name for logs and stats ("files", "mqtt", ...).
     fn name(&self) -> &str;
     /// Takes one event.
-    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError>;
+    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError> {
+        self.emit_line(event, &json_line(&event.to_json()))
+    }
+    /// Takes one event whose JSON record the service serialized once for every sink
+    /// ([`json_line`]: the record and a newline). Sinks that send the record use `line`.
+    fn emit_line(&mut self, event: &MaskEvent, line: &[u8]) -> Result<(), SinkError>;
     /// Writes out everything queued; called at shutdown.
     fn flush(&mut self) -> Result<(), SinkError>;
     /// Events this sink accepted but had to drop since the start (full queue, broker down past

@@ -1,13 +1,14 @@
 //! The stream sink: every event as a JSON line to every subscriber of a Unix and/or TCP socket.
 //! Writes never block the pipeline: each subscriber has a bounded buffer, and one that falls
-//! behind past it is disconnected.
+//! behind past it is disconnected. A writer thread of its own sends what a socket did not take at
+//! once as soon as the subscriber reads, without waiting for the next event.
 
 use std::io::{ErrorKind, Write};
 use std::net::TcpListener;
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,8 @@ use super::sink::{MaskEvent, Sink, SinkError};
 
 const NAME: &str = "stream";
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
+/// How often the writer retries a subscriber whose socket was full.
+const WRITE_RETRY: Duration = Duration::from_millis(2);
 
 /// A connected subscriber: a Unix or TCP stream, non-blocking.
 trait Subscriber: Write + Send {}
@@ -48,8 +51,11 @@ impl Client {
 /// Serves subscribers on the configured sockets.
 pub struct StreamSink {
     clients: Arc<Mutex<Vec<Client>>>,
+    /// Signalled when `emit` leaves bytes pending, for the writer.
+    pending: Arc<Condvar>,
     stop: Arc<AtomicBool>,
     acceptors: Vec<JoinHandle<()>>,
+    writer: Option<JoinHandle<()>>,
     unix_path: Option<PathBuf>,
     client_buffer_bytes: usize,
     dropped: u64,
@@ -96,6 +102,35 @@ where
                     std::thread::sleep(ACCEPT_POLL);
                 }
             }
+        }
+    })
+}
+
+/// Sends pending bytes while a subscriber's socket takes them; sleeps while nothing is pending.
+fn write_loop(
+    clients: Arc<Mutex<Vec<Client>>>,
+    pending: Arc<Condvar>,
+    stop: Arc<AtomicBool>,
+) -> JoinHandle<()> {
+    std::thread::spawn(move || {
+        let mut guard = clients.lock().unwrap_or_else(|e| e.into_inner());
+        while !stop.load(Ordering::Relaxed) {
+            guard.retain_mut(|client| {
+                let alive = client.pump();
+                if !alive {
+                    log::info!("stream sink: subscriber {} disconnected", client.peer);
+                }
+                alive
+            });
+            let wait = if guard.iter().any(|c| !c.pending.is_empty()) {
+                WRITE_RETRY
+            } else {
+                ACCEPT_POLL
+            };
+            guard = pending
+                .wait_timeout(guard, wait)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     })
 }
@@ -153,10 +188,14 @@ impl StreamSink {
                 config.max_clients,
             ));
         }
+        let pending = Arc::new(Condvar::new());
+        let writer = Some(write_loop(clients.clone(), pending.clone(), stop.clone()));
         Ok(StreamSink {
             clients,
+            pending,
             stop,
             acceptors,
+            writer,
             unix_path,
             client_buffer_bytes: config.client_buffer_bytes,
             dropped: 0,
@@ -174,9 +213,7 @@ impl Sink for StreamSink {
         NAME
     }
 
-    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError> {
-        let mut line = serde_json::to_vec(&event.to_json()).expect("JSON serializes");
-        line.push(b'\n');
+    fn emit_line(&mut self, _event: &MaskEvent, line: &[u8]) -> Result<(), SinkError> {
         let limit = self.client_buffer_bytes;
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         let mut lagging = 0;
@@ -186,13 +223,18 @@ impl Sink for StreamSink {
                 lagging += 1;
                 return false;
             }
-            client.pending.extend_from_slice(&line);
+            client.pending.extend_from_slice(line);
             let alive = client.pump();
             if !alive {
                 log::info!("stream sink: subscriber {} disconnected", client.peer);
             }
             alive
         });
+        let behind = clients.iter().any(|c| !c.pending.is_empty());
+        drop(clients);
+        if behind {
+            self.pending.notify_one();
+        }
         self.dropped += lagging;
         Ok(())
     }
@@ -222,7 +264,8 @@ impl Sink for StreamSink {
 impl Drop for StreamSink {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for handle in self.acceptors.drain(..) {
+        self.pending.notify_one();
+        for handle in self.acceptors.drain(..).chain(self.writer.take()) {
             let _ = handle.join();
         }
         if let Some(path) = &self.unix_path {
@@ -248,5 +291,73 @@ mod tests {
         assert_eq!(sink.subscribers(), 0);
         drop(sink);
         StreamSink::open(&config("127.0.0.1:0", false)).unwrap();
+    }
+
+    /// An event larger than the socket's buffer reaches a subscriber that reads slowly, whole,
+    /// without a later event to push its rest.
+    #[test]
+    fn a_partly_written_event_is_finished_without_waiting_for_the_next() {
+        use crate::postprocess::Mask;
+        use crate::service::sink::{EventMask, PromptOrigin};
+        use std::io::{BufRead, BufReader};
+        use std::os::unix::net::UnixStream;
+
+        let path = std::env::temp_dir().join(format!("samrt-stream-{}.sock", std::process::id()));
+        let mut sink = StreamSink::open(&StreamSinkConfig {
+            unix: path.display().to_string(),
+            client_buffer_bytes: 64 << 20,
+            ..Default::default()
+        })
+        .unwrap();
+        let subscriber = UnixStream::connect(&path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.subscribers() == 0 {
+            assert!(Instant::now() < deadline, "the subscriber was not accepted");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // A noisy mask: megabytes of RLE counts, far more than a socket buffers.
+        let (width, height) = (1500, 1000);
+        let mut state = 0x2545_F491_u64;
+        let data = (0..width * height)
+            .map(|_| {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1);
+                state >> 63 == 1
+            })
+            .collect();
+        let mask = Mask {
+            width,
+            height,
+            data,
+        };
+        let event = MaskEvent {
+            id: 0,
+            frame: 0,
+            frame_origin: "test".into(),
+            origin: PromptOrigin::Fixed,
+            prompt: None,
+            masks: vec![EventMask::new(mask, 0.9, 0.8)],
+            latency_ms: 1.0,
+            time: std::time::SystemTime::now(),
+            image: Arc::new(image::RgbImage::new(width as u32, height as u32)),
+        };
+        sink.emit(&event).unwrap();
+        assert!(
+            !sink.clients.lock().unwrap()[0].pending.is_empty(),
+            "the test needs an event the socket cannot take at once ({} bytes)",
+            event.to_json().to_string().len()
+        );
+        // Read slowly at first, then all of it; no second event.
+        std::thread::sleep(Duration::from_millis(200));
+        subscriber
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(&subscriber).read_line(&mut line).unwrap();
+        let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(record, event.to_json());
+        drop(sink);
+        let _ = std::fs::remove_file(&path);
     }
 }
