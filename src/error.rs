@@ -3,6 +3,15 @@
 use std::fmt;
 use std::path::PathBuf;
 
+/// The text of a caught panic's payload (`panic!` gives a `&str` or a `String`); `None` for
+/// any other payload.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+}
+
 /// Result alias used throughout the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -171,13 +171,7 @@ fn pillow_cmyk_to_rgb(cmyk: &[u8]) -> Vec<u8> {
 /// Turns the payload of an unwind out of libjpeg (a `String` from `mozjpeg`'s error manager, or a
 /// `&str`) into a message.
 fn libjpeg_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    let raw = if let Some(s) = payload.downcast_ref::<String>() {
-        s.as_str()
-    } else if let Some(s) = payload.downcast_ref::<&str>() {
-        s
-    } else {
-        "unknown error"
-    };
+    let raw = crate::error::panic_message(payload.as_ref()).unwrap_or("unknown error");
     let msg = raw.strip_prefix("libjpeg fatal error: ").unwrap_or(raw);
     if UNSUPPORTED_LIBJPEG_MESSAGES.iter().any(|m| msg.contains(m)) {
         format!("{UNSUPPORTED}: {msg}")

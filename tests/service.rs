@@ -460,13 +460,9 @@ fn end_to_end_every_sink_and_sigterm_loses_nothing() {
     if let Some(mqtt) = &mqtt {
         // A clean stop leaves the retained status at "offline".
         wait_for("the offline status", Duration::from_secs(10), || {
-            let all = mqtt.all();
-            let statuses: Vec<_> = all
-                .iter()
-                .filter(|l| l.starts_with("samrt/masks/status "))
-                .collect();
-            (statuses.first().map(|l| l.as_str()) == Some("samrt/masks/status online")
-                && statuses.last().map(|l| l.as_str()) == Some("samrt/masks/status offline"))
+            let statuses = mqtt_statuses(mqtt);
+            (statuses.first().map(String::as_str) == Some("online")
+                && statuses.last().map(String::as_str) == Some("offline"))
             .then_some(())
         });
     }
@@ -1238,6 +1234,15 @@ fn mqtt_publish(port: u16, topic: &str, payload: &str) {
     assert!(status.success(), "mosquitto_pub {topic} {payload}");
 }
 
+/// The statuses received on samrt/masks/status, in order.
+fn mqtt_statuses(subscriber: &common::Subscriber) -> Vec<String> {
+    subscriber
+        .all()
+        .into_iter()
+        .filter_map(|l| l.strip_prefix("samrt/masks/status ").map(str::to_string))
+        .collect()
+}
+
 /// The JSON payloads received on `topic`.
 fn mqtt_payloads(subscriber: &common::Subscriber, topic: &str) -> Vec<Value> {
     subscriber
@@ -1266,12 +1271,7 @@ fn mqtt_commands_are_answered_and_the_last_will_says_offline_after_a_kill() {
         set(c, "sinks.mqtt.commands", true);
     });
     let service = ServiceProcess::start(&dir, &config);
-    let statuses = || {
-        mqtt.all()
-            .into_iter()
-            .filter_map(|l| l.strip_prefix("samrt/masks/status ").map(str::to_string))
-            .collect::<Vec<_>>()
-    };
+    let statuses = || mqtt_statuses(&mqtt);
     wait_for("online", Duration::from_secs(20), || {
         (statuses().last().map(String::as_str) == Some("online")).then_some(())
     });

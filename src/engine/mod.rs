@@ -37,7 +37,7 @@ use std::sync::Arc;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::knobs::KnobScope;
 
-use crate::error::{Error, Result};
+use crate::error::{panic_message, Error, Result};
 
 /// Side of the square image the encoder takes.
 pub const ENCODER_INPUT_SIZE: usize = 1024;
@@ -130,20 +130,14 @@ fn model_error(path: &Path, reason: impl Into<String>) -> Error {
 fn load_guarded<T>(path: &Path, load: impl FnOnce() -> Result<T>) -> Result<T> {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)) {
         Ok(result) => result,
-        Err(payload) => {
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            Err(model_error(
-                path,
-                format!(
-                    "loading it failed inside the engine ({message}): the file is damaged or not \
-                     a supported export; re-copy or re-export it"
-                ),
-            ))
-        }
+        Err(payload) => Err(model_error(
+            path,
+            format!(
+                "loading it failed inside the engine ({}): the file is damaged or not a \
+                 supported export; re-copy or re-export it",
+                panic_message(payload.as_ref()).unwrap_or("no message")
+            ),
+        )),
     }
 }
 

@@ -671,6 +671,26 @@ impl Core {
         }
     }
 
+    /// The client wrote a message with `packet_id`; at QoS 0 that frees its slot.
+    fn on_written(&self, packet_id: u16) {
+        let mut state = self.lock();
+        let done = state.written(packet_id);
+        self.feed(&mut state);
+        drop(state);
+        self.finished(done);
+        self.changed.notify_all();
+    }
+
+    /// The broker acknowledged `packet_id`: the message is done and its slot free.
+    fn on_acknowledged(&self, packet_id: u16) {
+        let mut state = self.lock();
+        let done = state.acknowledged(packet_id);
+        self.feed(&mut state);
+        drop(state);
+        self.finished(done);
+        self.changed.notify_all();
+    }
+
     /// A message is done: counted when it is an event.
     fn finished(&self, message: Option<Message>) {
         if let Some(message) = message {
@@ -800,31 +820,20 @@ impl Worker {
                             log::error!("mqtt: cannot subscribe to {command_topic}: {e}");
                         }
                     }
-                    let status = status_topic(&self.core.prefix);
-                    let mut state = self.core.lock();
-                    state.connected = true;
-                    state.push(Kind::Status, status, STATUS_ONLINE.into(), QoS::AtLeastOnce);
-                    self.core.feed(&mut state);
-                    drop(state);
-                    self.core.changed.notify_all();
+                    self.core.lock().connected = true;
+                    self.core.enqueue(
+                        Kind::Status,
+                        status_topic(&self.core.prefix),
+                        STATUS_ONLINE.into(),
+                        QoS::AtLeastOnce,
+                    );
                 }
                 Ok(Ok(Event::Outgoing(Outgoing::Publish(packet_id)))) => {
-                    let mut state = self.core.lock();
-                    let done = state.written(packet_id);
-                    // At QoS 0 a written message frees its slot.
-                    self.core.feed(&mut state);
-                    drop(state);
-                    self.core.finished(done);
-                    self.core.changed.notify_all();
+                    self.core.on_written(packet_id);
                 }
                 Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
                     backoff = BACKOFF_MIN;
-                    let mut state = self.core.lock();
-                    let done = state.acknowledged(ack.pkid);
-                    self.core.feed(&mut state);
-                    drop(state);
-                    self.core.finished(done);
-                    self.core.changed.notify_all();
+                    self.core.on_acknowledged(ack.pkid);
                 }
                 Ok(Ok(Event::Incoming(Incoming::Publish(publish)))) => {
                     if publish.topic == command_topic {
@@ -925,12 +934,10 @@ impl Worker {
             match self.connection.recv_timeout(POLL) {
                 Ok(Ok(Event::Outgoing(Outgoing::Disconnect))) => break,
                 Ok(Ok(Event::Outgoing(Outgoing::Publish(packet_id)))) => {
-                    let done = self.core.lock().written(packet_id);
-                    self.core.finished(done);
+                    self.core.on_written(packet_id);
                 }
                 Ok(Ok(Event::Incoming(Incoming::PubAck(ack)))) => {
-                    let done = self.core.lock().acknowledged(ack.pkid);
-                    self.core.finished(done);
+                    self.core.on_acknowledged(ack.pkid);
                 }
                 Ok(Ok(_)) | Err(RecvTimeoutError::Timeout) => {}
                 Ok(Err(_)) | Err(RecvTimeoutError::Disconnected) => break,

@@ -35,6 +35,7 @@ use super::stats::{bump, Stats};
 use super::stream::StreamSink;
 use crate::amg::AmgParams;
 use crate::detector::{Detector, DetectorParams};
+use crate::error::panic_message;
 use crate::model::ModelFiles;
 use crate::parallel::default_threads;
 use crate::predictor::{Embedding, MaskOutput, Prediction, SamPredictor};
@@ -342,11 +343,7 @@ fn guarded<T>(
         Ok(result) => result,
         Err(payload) => {
             bump(&stats.panics);
-            let message = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic without a message".into());
+            let message = panic_message(payload.as_ref()).unwrap_or("a panic without a message");
             log::error!(
                 "{what} panicked: {message}. The job was dropped and the service goes on; this is \
                  a bug, please report it with the log"
@@ -356,6 +353,15 @@ fn guarded<T>(
                  goes on)"
             ))
         }
+    }
+}
+
+/// A prompt job, for messages: "control prompt", "segment everything".
+fn job_name(origin: &PromptOrigin, has_prompt: bool) -> String {
+    if has_prompt {
+        format!("{} prompt", origin.kind())
+    } else {
+        "segment everything".to_string()
     }
 }
 
@@ -477,10 +483,7 @@ impl Decoder<'_> {
         received: Instant,
         reply: Option<Sender<Reply>>,
     ) {
-        let what = match &prompt {
-            Some(_) => format!("{} prompt", origin.kind()),
-            None => "segment everything".to_string(),
-        };
+        let what = job_name(&origin, prompt.is_some());
         inject_panic(&origin);
         let Some(encoded) = self.shared.newest(self.first_frame_timeout()) else {
             return self.fail(
@@ -508,8 +511,6 @@ impl Decoder<'_> {
     /// Runs one job. A panic inside it (a bug, in samrt or a model's operator) is caught here:
     /// counted, logged, answered as an error to whoever asked, and the next job runs.
     fn run_job(&mut self, job: Job) {
-        let shared = self.shared;
-        let stats = &shared.stats;
         match job {
             Job::Prompt {
                 origin,
@@ -517,35 +518,15 @@ impl Decoder<'_> {
                 multimask,
                 received,
                 reply,
-            } => {
-                let what = format!("{} prompt", origin.kind());
-                let asked = reply.clone();
-                let outcome = guarded(stats, &what, || {
-                    self.answer(origin, Some(prompt), multimask, received, reply);
-                    Ok(())
-                });
-                if let Err(error) = outcome {
-                    self.fail(asked, &what, error);
-                }
-                self.shared.priority.end();
-            }
+            } => self.answer_guarded(origin, Some(prompt), multimask, received, reply),
             Job::Everything {
                 origin,
                 received,
                 reply,
-            } => {
-                let asked = reply.clone();
-                let outcome = guarded(stats, "segment everything", || {
-                    self.answer(origin, None, false, received, reply);
-                    Ok(())
-                });
-                if let Err(error) = outcome {
-                    self.fail(asked, "segment everything", error);
-                }
-                self.shared.priority.end();
-            }
+            } => self.answer_guarded(origin, None, false, received, reply),
             Job::Encoded(encoded) => {
-                if let Err(error) = guarded(stats, "the per-frame prompts", || {
+                let shared = self.shared;
+                if let Err(error) = guarded(&shared.stats, "the per-frame prompts", || {
                     self.per_frame(&encoded);
                     Ok(())
                 }) {
@@ -553,6 +534,29 @@ impl Decoder<'_> {
                 }
             }
         }
+    }
+
+    /// [`Self::answer`] under [`guarded`]: a panic is answered to `reply` as an error. Ends the
+    /// prompt's hold on the encoder either way.
+    fn answer_guarded(
+        &mut self,
+        origin: PromptOrigin,
+        prompt: Option<Prompt>,
+        multimask: bool,
+        received: Instant,
+        reply: Option<Sender<Reply>>,
+    ) {
+        let shared = self.shared;
+        let what = job_name(&origin, prompt.is_some());
+        let asked = reply.clone();
+        let outcome = guarded(&shared.stats, &what, || {
+            self.answer(origin, prompt, multimask, received, reply);
+            Ok(())
+        });
+        if let Err(error) = outcome {
+            self.fail(asked, &what, error);
+        }
+        shared.priority.end();
     }
 
     fn per_frame(&mut self, encoded: &EncodedFrame) {
