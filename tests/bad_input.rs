@@ -17,7 +17,7 @@ use std::path::Path;
 use common::{data_dir, Mutator};
 use samrt::service::config::parse_config;
 use samrt::service::control::parse_request;
-use samrt::service::v4l2::{mjpeg_to_rgb, yuyv_to_rgb};
+use samrt::service::sources::v4l2::{mjpeg_to_rgb, yuyv_to_rgb};
 
 /// `base` cases, times `SAMRT_BAD_INPUT_CASES` when set.
 fn cases(base: usize) -> usize {

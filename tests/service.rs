@@ -500,8 +500,8 @@ fn faults_are_reported_and_the_service_keeps_running() {
         .map(PathBuf::from);
     if let Some(fs) = &small_fs {
         // The test fills this file system: never a real disk.
-        let free =
-            samrt::service::files_sink::free_bytes(fs).expect("SAMRT_TEST_SMALL_FS is a directory");
+        let free = samrt::service::sinks::files::free_bytes(fs)
+            .expect("SAMRT_TEST_SMALL_FS is a directory");
         assert!(
             free < 64 << 20,
             "SAMRT_TEST_SMALL_FS={} has {} MB free: give a small file system (e.g. a 2 MB tmpfs)",
@@ -1009,7 +1009,7 @@ fn board_configs_follow_the_schema() {
         let config = loaded.config;
         assert_eq!(
             config.source.kind,
-            samrt::service::config::SourceKind::V4l2,
+            samrt::service::sources::SourceKind::V4l2,
             "{board}"
         );
         assert_eq!(

@@ -24,8 +24,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use common::{find_program, free_port, mosquitto, Broker, TempDir};
 use image::RgbImage;
-use samrt::service::mqtt::{MqttConfig, MqttSink, MQTT_QUEUE_CAPACITY};
-use samrt::service::sink::{EventMask, MaskEvent, PromptOrigin, Sink};
+use samrt::service::event::{EventMask, MaskEvent, PromptOrigin};
+use samrt::service::sinks::mqtt::{MqttConfig, MqttSink, MQTT_QUEUE_CAPACITY};
+use samrt::service::sinks::Sink;
 use samrt::{Mask, Prompt};
 use serde_json::Value;
 

@@ -3,14 +3,14 @@
 //! warned about and ignored; invalid values are errors that name the key and the fix.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::button::ButtonConfig;
-use super::display::DisplayConfig;
-use super::mqtt::MqttConfig;
-use super::v4l2::V4l2Config;
+use super::buttons::ButtonConfig;
+use super::fields::non_negative;
+use super::sinks::SinksConfig;
+use super::sources::SourceConfig;
 
 /// The whole configuration of `samrt run`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
@@ -34,75 +34,6 @@ pub struct ModelConfig {
     pub precision: String,
     /// Threads for tract's matrix products and for decoding; 0 = every CPU.
     pub threads: usize,
-}
-
-/// Which frame source `[source] kind` selects.
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum SourceKind {
-    /// Image files: one file, a directory, or a glob.
-    #[default]
-    Files,
-    /// A generated test pattern.
-    Synthetic,
-    /// A V4L2 camera (build feature `v4l2`).
-    V4l2,
-}
-
-/// `[source]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct SourceConfig {
-    pub kind: SourceKind,
-    pub files: FilesSourceConfig,
-    pub synthetic: SyntheticSourceConfig,
-    pub v4l2: V4l2Config,
-}
-
-/// `[source.files]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct FilesSourceConfig {
-    /// An image file, a directory (its images in name order) or a glob such as "frames/*.jpg".
-    pub path: String,
-    /// Start again from the first image after the last one.
-    #[serde(rename = "loop")]
-    pub repeat: bool,
-    /// Frames per second to deliver; 0 = as fast as they can be read.
-    pub fps: f64,
-}
-
-impl Default for FilesSourceConfig {
-    fn default() -> Self {
-        FilesSourceConfig {
-            path: String::new(),
-            repeat: true,
-            fps: 0.0,
-        }
-    }
-}
-
-/// `[source.synthetic]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct SyntheticSourceConfig {
-    pub width: u32,
-    pub height: u32,
-    /// Frames per second; 0 = as fast as they can be made.
-    pub fps: f64,
-    /// Frames before the source finishes; 0 = endless.
-    pub frames: u64,
-}
-
-impl Default for SyntheticSourceConfig {
-    fn default() -> Self {
-        SyntheticSourceConfig {
-            width: 640,
-            height: 480,
-            fps: 15.0,
-            frames: 0,
-        }
-    }
 }
 
 /// `[prompts]`
@@ -199,105 +130,6 @@ impl Default for ControlConfig {
     }
 }
 
-/// `[sinks]`
-#[derive(Debug, Clone, Default, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct SinksConfig {
-    pub files: FilesSinkConfig,
-    pub stream: StreamSinkConfig,
-    pub mqtt: MqttConfig,
-    pub display: DisplayConfig,
-}
-
-/// `[sinks.files]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct FilesSinkConfig {
-    pub enabled: bool,
-    /// Directory for JSONL records (COCO RLE) and PNG masks; created if missing.
-    pub dir: String,
-    /// Also write every mask as a PNG (255 inside).
-    pub png: bool,
-    /// Start a new JSONL file when the current one reaches this size.
-    pub max_file_bytes: u64,
-    /// Delete the oldest files when the directory holds more than this.
-    pub max_total_bytes: u64,
-    /// Write nothing while the file system has less free space than this.
-    pub min_free_bytes: u64,
-}
-
-impl Default for FilesSinkConfig {
-    fn default() -> Self {
-        FilesSinkConfig {
-            enabled: false,
-            dir: String::new(),
-            png: true,
-            max_file_bytes: 16 << 20,
-            max_total_bytes: 512 << 20,
-            min_free_bytes: 64 << 20,
-        }
-    }
-}
-
-/// `[sinks.stream]`
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(default)]
-pub struct StreamSinkConfig {
-    /// Unix socket path that streams every event as a JSON line; "" = off.
-    pub unix: String,
-    /// TCP address that streams every event as a JSON line, e.g. "127.0.0.1:7878"; "" = off.
-    pub tcp: String,
-    /// Let `tcp` be an address beyond loopback (every subscriber that reaches it reads every
-    /// event, unauthenticated).
-    pub allow_remote: bool,
-    /// Subscribers served at once.
-    pub max_clients: usize,
-    /// A subscriber that falls this far behind is disconnected.
-    pub client_buffer_bytes: usize,
-}
-
-impl Default for StreamSinkConfig {
-    fn default() -> Self {
-        StreamSinkConfig {
-            unix: String::new(),
-            tcp: String::new(),
-            allow_remote: false,
-            max_clients: 8,
-            client_buffer_bytes: 4 << 20,
-        }
-    }
-}
-
-impl StreamSinkConfig {
-    /// The addresses `tcp` names (none when off), refused when one is beyond loopback without
-    /// `allow_remote`.
-    pub fn tcp_addrs(&self) -> Result<Vec<std::net::SocketAddr>, String> {
-        use std::net::ToSocketAddrs;
-        if self.tcp.is_empty() {
-            return Ok(Vec::new());
-        }
-        let addrs: Vec<_> = self
-            .tcp
-            .to_socket_addrs()
-            .map_err(|e| {
-                format!(
-                    "[sinks.stream] tcp = {:?} is not a HOST:PORT address ({e}); e.g. \"127.0.0.1:7878\"",
-                    self.tcp
-                )
-            })?
-            .collect();
-        if let Some(remote) = addrs.iter().find(|a| !a.ip().is_loopback()) {
-            if !self.allow_remote {
-                return Err(format!(
-                    "[sinks.stream] tcp = {:?} listens beyond loopback ({remote}): anyone who reaches it reads every event, unauthenticated. Use a 127.0.0.1 address (and an SSH tunnel), or set allow_remote = true",
-                    self.tcp
-                ));
-            }
-        }
-        Ok(addrs)
-    }
-}
-
 /// `[service]`
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default)]
@@ -381,30 +213,7 @@ impl ServiceConfig {
 
     /// Checks values that serde cannot; the error names the key and what it accepts.
     pub fn validate(&self) -> Result<(), String> {
-        let positive = |value: f64, key: &str| {
-            if value.is_finite() && value >= 0.0 {
-                Ok(())
-            } else {
-                Err(format!("{key} = {value}: give a number ≥ 0"))
-            }
-        };
-        if self.source.kind == SourceKind::Files && self.source.files.path.is_empty() {
-            return Err(
-                "[source] kind = \"files\" needs [source.files] path (a file, directory or glob)"
-                    .into(),
-            );
-        }
-        positive(self.source.files.fps, "source.files.fps")?;
-        positive(self.source.synthetic.fps, "source.synthetic.fps")?;
-        if self.source.synthetic.width < 2 || self.source.synthetic.height < 2 {
-            return Err("source.synthetic width and height must be at least 2".into());
-        }
-        if self.source.kind == SourceKind::V4l2 {
-            self.source
-                .v4l2
-                .validate()
-                .map_err(|e| format!("[source.v4l2] {e}"))?;
-        }
+        self.source.validate()?;
         for (i, p) in self.prompts.fixed.points.iter().enumerate() {
             if !(p[0].is_finite() && p[1].is_finite()) {
                 return Err(format!("prompts.fixed.points[{i}] is not a finite [x, y]"));
@@ -430,30 +239,10 @@ impl ServiceConfig {
                 "control.max_clients and sinks.stream.max_clients must be at least 1".into(),
             );
         }
-        positive(self.control.reply_timeout_s, "control.reply_timeout_s")?;
-        self.sinks.stream.tcp_addrs()?;
-        if self.sinks.files.enabled && self.sinks.files.dir.is_empty() {
-            return Err("[sinks.files] enabled = true needs a dir".into());
-        }
-        if self.sinks.files.max_file_bytes == 0
-            || self.sinks.files.max_total_bytes < self.sinks.files.max_file_bytes
-        {
-            return Err("sinks.files: give 0 < max_file_bytes ≤ max_total_bytes".into());
-        }
-        if self.sinks.mqtt.enabled {
-            self.sinks
-                .mqtt
-                .validate()
-                .map_err(|e| format!("[sinks.mqtt] {e}"))?;
-        }
-        if self.sinks.display.enabled {
-            self.sinks
-                .display
-                .validate()
-                .map_err(|e| format!("[sinks.display] {e}"))?;
-        }
-        positive(self.service.stats_interval_s, "service.stats_interval_s")?;
-        positive(
+        non_negative(self.control.reply_timeout_s, "control.reply_timeout_s")?;
+        self.sinks.validate()?;
+        non_negative(self.service.stats_interval_s, "service.stats_interval_s")?;
+        non_negative(
             self.service.first_frame_timeout_s,
             "service.first_frame_timeout_s",
         )?;
@@ -493,41 +282,11 @@ pub fn schema_keys() -> BTreeSet<String> {
     key_paths(&toml::Value::try_from(ServiceConfig::default()).expect("the config serializes"))
 }
 
-/// Serde for an optional value written as a string, where "" means none (TOML has no null):
-/// `#[serde(with = "empty_is_none")]`.
-pub mod empty_is_none {
-    use serde::de::IntoDeserializer;
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    pub fn serialize<T: Serialize, S: Serializer>(
-        value: &Option<T>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        match value {
-            Some(v) => v.serialize(serializer),
-            None => serializer.serialize_str(""),
-        }
-    }
-
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Option<T>, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        if text.is_empty() {
-            return Ok(None);
-        }
-        T::deserialize(IntoDeserializer::<D::Error>::into_deserializer(text)).map(Some)
-    }
-}
-
-/// A path as a `PathBuf`, or `None` when empty (the config's "off").
-pub fn optional_path(value: &str) -> Option<PathBuf> {
-    (!value.is_empty()).then(|| PathBuf::from(value))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::service::sinks::stream::StreamSinkConfig;
+    use crate::service::sources::SourceKind;
 
     #[test]
     fn unknown_keys_are_reported_not_fatal() {

@@ -25,15 +25,14 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::button::SoftwareButton;
+use super::buttons::SoftwareButton;
 use super::config::{ControlConfig, ServiceConfig};
-use super::runtime::{submit, Job, Shared};
-use super::sink::PromptOrigin;
+use super::event::PromptOrigin;
+use super::pipeline::{submit, Job, Shared};
 use super::stats::bump;
 use crate::prompt::{point_from_values, BoxPrompt, Prompt};
 
-/// The longest request line accepted; longer lines are answered with an error and skipped.
-pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+pub use super::pipeline::MAX_REQUEST_BYTES;
 /// How long a software "short" press is held.
 const SOFTWARE_SHORT_PRESS: Duration = Duration::from_millis(80);
 const POLL: Duration = Duration::from_millis(100);

@@ -1,22 +1,25 @@
-//! `samrt run`: the on-board service. Frames from a [`source`] go to the encoder (newest frame
-//! wins), prompts from the [`button`], fixed points, the detector and the [`control`] socket are
-//! decoded against the newest embedding, and masks go out through every configured [`sink`]:
-//! [`files_sink`], [`stream`], [`mqtt`], [`display`]. [`runtime`] wires the threads together.
+//! `samrt run`: the on-board service. Frames from a [`sources`] backend go to the encoder (newest
+//! frame wins), prompts from the [`buttons`], fixed points, the detector, the [`control`] socket
+//! and MQTT commands are decoded against the newest embedding ([`jobs`]), and each [`event`] goes
+//! out through every configured [`sinks`] backend (files, stream, MQTT, display).
+//!
+//! Modules depend one way: [`runtime`] wires the threads together from [`sources`], [`buttons`],
+//! [`control`], [`jobs`] and [`sinks`]; those share what flows between the threads through
+//! [`pipeline`] and [`event`]; [`config`] gathers the backends' own config tables.
 
-pub mod button;
+pub mod buttons;
 pub mod config;
 pub mod control;
-pub mod display;
-pub mod files_sink;
-pub mod mqtt;
+pub mod event;
+pub mod fields;
+pub mod jobs;
 pub mod notify;
+pub mod pipeline;
 pub mod priority;
 pub mod runtime;
-pub mod sink;
-pub mod source;
+pub mod sinks;
+pub mod sources;
 pub mod stats;
-pub mod stream;
-pub mod v4l2;
 
 pub use config::{load_config, ServiceConfig};
 pub use runtime::Service;

@@ -41,7 +41,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-use super::sink::{MaskEvent, Sink, SinkError};
+use super::{MaskEvent, Sink, SinkError};
 
 /// How many messages (events and command replies) wait for the broker at most; past this the
 /// oldest is dropped.
@@ -53,7 +53,7 @@ pub const STATUS_ONLINE: &str = "online";
 /// The retained status after a clean stop, and the last will.
 pub const STATUS_OFFLINE: &str = "offline";
 /// The longest command accepted on `{topic}/cmd` (as the control socket's longest line).
-pub const MAX_COMMAND_BYTES: usize = super::control::MAX_REQUEST_BYTES;
+pub const MAX_COMMAND_BYTES: usize = crate::service::pipeline::MAX_REQUEST_BYTES;
 /// Commands received and not yet answered; one more is answered "busy".
 const MAX_COMMANDS_WAITING: usize = 16;
 /// Debian's bundle of the system's certificate authorities: the broker's certificate is checked
@@ -74,7 +74,7 @@ const MAX_PACKET: usize = 268_435_455;
 const MAX_FIELD_LENGTH: usize = 65_535;
 /// The longest name appended to the topic prefix: a source ([`PromptOrigin::kind`]) or `cmd/reply`.
 ///
-/// [`PromptOrigin::kind`]: super::sink::PromptOrigin::kind
+/// [`PromptOrigin::kind`]: crate::service::event::PromptOrigin::kind
 const LONGEST_SUBTOPIC: usize = "button_long".len();
 
 /// `[sinks.mqtt]`: publishing masks to an MQTT broker, and taking commands from it.
@@ -107,17 +107,17 @@ pub struct MqttConfig {
     /// keep-alive off. Default: `30`.
     pub keep_alive_s: u16,
     /// User name, when the broker requires authentication; `""` = none. Default: none.
-    #[serde(with = "super::config::empty_is_none")]
+    #[serde(with = "crate::service::fields::empty_is_none")]
     pub username: Option<String>,
     /// The file holding the password (its first line), with `username`; `""` = none. A relative
     /// name is a systemd credential: `LoadCredential=mqtt-password:/etc/samrt/mqtt-password` in
     /// the unit and `password_file = "mqtt-password"` here. Keep it readable by samrt only.
     /// Default: none.
-    #[serde(with = "super::config::empty_is_none")]
+    #[serde(with = "crate::service::fields::empty_is_none")]
     pub password_file: Option<String>,
     /// Refused: a password in the config is readable by every user of the device. Use
     /// `password_file`.
-    #[serde(with = "super::config::empty_is_none", skip_serializing)]
+    #[serde(with = "crate::service::fields::empty_is_none", skip_serializing)]
     pub password: Option<String>,
     /// MQTT over TLS: the broker's certificate is checked against `ca_file` and `host`.
     /// Default: `false`.
@@ -125,15 +125,15 @@ pub struct MqttConfig {
     /// PEM file of the certificate authorities that sign the broker's certificate; `""` = the
     /// system's (`/etc/ssl/certs/ca-certificates.crt`). Relative = a systemd credential.
     /// Default: none.
-    #[serde(with = "super::config::empty_is_none")]
+    #[serde(with = "crate::service::fields::empty_is_none")]
     pub ca_file: Option<String>,
     /// PEM file of samrt's own certificate, for brokers that require client certificates
     /// (`require_certificate true` in mosquitto), with `client_key_file`. Default: none.
-    #[serde(with = "super::config::empty_is_none")]
+    #[serde(with = "crate::service::fields::empty_is_none")]
     pub client_cert_file: Option<String>,
     /// PEM file of the private key of `client_cert_file` (PKCS#8, PKCS#1 or SEC1). Relative = a
     /// systemd credential. Default: none.
-    #[serde(with = "super::config::empty_is_none")]
+    #[serde(with = "crate::service::fields::empty_is_none")]
     pub client_key_file: Option<String>,
     /// Take requests on `{topic}/cmd` and answer on `{topic}/cmd/reply`: whoever may publish
     /// there can prompt samrt and press its software button, so restrict the topic on the broker
@@ -1259,7 +1259,7 @@ mod tests {
     use image::RgbImage;
 
     use crate::postprocess::Mask;
-    use crate::service::sink::{EventMask, PromptOrigin};
+    use crate::service::event::{EventMask, PromptOrigin};
 
     fn event(id: u64) -> MaskEvent {
         let mask = Mask {

@@ -12,8 +12,68 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use super::config::StreamSinkConfig;
-use super::sink::{MaskEvent, Sink, SinkError};
+use serde::{Deserialize, Serialize};
+
+use super::{MaskEvent, Sink, SinkError};
+
+/// `[sinks.stream]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct StreamSinkConfig {
+    /// Unix socket path that streams every event as a JSON line; "" = off.
+    pub unix: String,
+    /// TCP address that streams every event as a JSON line, e.g. "127.0.0.1:7878"; "" = off.
+    pub tcp: String,
+    /// Let `tcp` be an address beyond loopback (every subscriber that reaches it reads every
+    /// event, unauthenticated).
+    pub allow_remote: bool,
+    /// Subscribers served at once.
+    pub max_clients: usize,
+    /// A subscriber that falls this far behind is disconnected.
+    pub client_buffer_bytes: usize,
+}
+
+impl Default for StreamSinkConfig {
+    fn default() -> Self {
+        StreamSinkConfig {
+            unix: String::new(),
+            tcp: String::new(),
+            allow_remote: false,
+            max_clients: 8,
+            client_buffer_bytes: 4 << 20,
+        }
+    }
+}
+
+impl StreamSinkConfig {
+    /// The addresses `tcp` names (none when off), refused when one is beyond loopback without
+    /// `allow_remote`.
+    pub fn tcp_addrs(&self) -> Result<Vec<std::net::SocketAddr>, String> {
+        use std::net::ToSocketAddrs;
+        if self.tcp.is_empty() {
+            return Ok(Vec::new());
+        }
+        let addrs: Vec<_> = self
+            .tcp
+            .to_socket_addrs()
+            .map_err(|e| {
+                format!(
+                    "[sinks.stream] tcp = {:?} is not a HOST:PORT address ({e}); e.g. \"127.0.0.1:7878\"",
+                    self.tcp
+                )
+            })?
+            .collect();
+        if let Some(remote) = addrs.iter().find(|a| !a.ip().is_loopback()) {
+            if !self.allow_remote {
+                return Err(format!(
+                    "[sinks.stream] tcp = {:?} listens beyond loopback ({remote}): anyone who reaches it reads every event, unauthenticated. Use a 127.0.0.1 address (and an SSH tunnel), or set allow_remote = true",
+                    self.tcp
+                ));
+            }
+        }
+        Ok(addrs)
+    }
+}
 
 const NAME: &str = "stream";
 const ACCEPT_POLL: Duration = Duration::from_millis(50);
@@ -298,7 +358,7 @@ mod tests {
     #[test]
     fn a_partly_written_event_is_finished_without_waiting_for_the_next() {
         use crate::postprocess::Mask;
-        use crate::service::sink::{EventMask, PromptOrigin};
+        use crate::service::event::{EventMask, PromptOrigin};
         use std::io::{BufRead, BufReader};
         use std::os::unix::net::UnixStream;
 

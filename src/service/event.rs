@@ -1,7 +1,6 @@
-//! Sinks: where masks go. Every sink takes the same [`MaskEvent`]; several run at once, fed by one
-//! sink thread, so a slow or failing sink is reported and counted but never stops the pipeline.
+//! Mask events: what the pipeline produces for every prompt on a frame and every sink receives
+//! ([`MaskEvent`]), with its JSON record, serialized once for every sink ([`json_line`]).
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -149,50 +148,4 @@ pub fn prompt_json(prompt: &Prompt) -> Value {
         value["box"] = json!([b.x0, b.y0, b.x1, b.y1]);
     }
     value
-}
-
-/// Why a sink could not take an event. The event is counted as lost for that sink only.
-#[derive(Debug)]
-pub struct SinkError {
-    pub sink: String,
-    pub reason: String,
-}
-
-impl SinkError {
-    pub fn new(sink: impl Into<String>, reason: impl fmt::Display) -> Self {
-        SinkError {
-            sink: sink.into(),
-            reason: reason.to_string(),
-        }
-    }
-}
-
-impl fmt::Display for SinkError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "sink {}: {}", self.sink, self.reason)
-    }
-}
-
-impl std::error::Error for SinkError {}
-
-/// A destination for masks. `emit` is called on the sink thread for every event and must not
-/// block for long (queue inside if the destination is slow); `flush` is called once at shutdown
-/// and may wait a bounded time for queued events to go out.
-pub trait Sink: Send {
-    /// A short name for logs and stats ("files", "mqtt", ...).
-    fn name(&self) -> &str;
-    /// Takes one event.
-    fn emit(&mut self, event: &MaskEvent) -> Result<(), SinkError> {
-        self.emit_line(event, &json_line(&event.to_json()))
-    }
-    /// Takes one event whose JSON record the service serialized once for every sink
-    /// ([`json_line`]: the record and a newline). Sinks that send the record use `line`.
-    fn emit_line(&mut self, event: &MaskEvent, line: &[u8]) -> Result<(), SinkError>;
-    /// Writes out everything queued; called at shutdown.
-    fn flush(&mut self) -> Result<(), SinkError>;
-    /// Events this sink accepted but had to drop since the start (full queue, broker down past
-    /// the queue's capacity, ...). Reported in the stats.
-    fn dropped(&self) -> u64 {
-        0
-    }
 }

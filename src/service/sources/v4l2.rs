@@ -30,7 +30,7 @@ use std::io;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
-use super::source::{CapturedFrame, FrameSource, SourceError};
+use super::{CapturedFrame, FrameSource, SourceError};
 
 /// The pixel format asked of the camera (`format` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]

@@ -6,8 +6,52 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::config::FilesSinkConfig;
-use super::sink::{MaskEvent, Sink, SinkError};
+use serde::{Deserialize, Serialize};
+
+use super::{MaskEvent, Sink, SinkError};
+
+/// `[sinks.files]`
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default)]
+pub struct FilesSinkConfig {
+    pub enabled: bool,
+    /// Directory for JSONL records (COCO RLE) and PNG masks; created if missing.
+    pub dir: String,
+    /// Also write every mask as a PNG (255 inside).
+    pub png: bool,
+    /// Start a new JSONL file when the current one reaches this size.
+    pub max_file_bytes: u64,
+    /// Delete the oldest files when the directory holds more than this.
+    pub max_total_bytes: u64,
+    /// Write nothing while the file system has less free space than this.
+    pub min_free_bytes: u64,
+}
+
+impl Default for FilesSinkConfig {
+    fn default() -> Self {
+        FilesSinkConfig {
+            enabled: false,
+            dir: String::new(),
+            png: true,
+            max_file_bytes: 16 << 20,
+            max_total_bytes: 512 << 20,
+            min_free_bytes: 64 << 20,
+        }
+    }
+}
+
+impl FilesSinkConfig {
+    /// Checks values that serde cannot; the error names the key and what it accepts.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.enabled && self.dir.is_empty() {
+            return Err("[sinks.files] enabled = true needs a dir".into());
+        }
+        if self.max_file_bytes == 0 || self.max_total_bytes < self.max_file_bytes {
+            return Err("sinks.files: give 0 < max_file_bytes ≤ max_total_bytes".into());
+        }
+        Ok(())
+    }
+}
 
 const NAME: &str = "files";
 
@@ -251,7 +295,7 @@ impl Sink for FilesSink {
 mod tests {
     use super::*;
     use crate::postprocess::Mask;
-    use crate::service::sink::{EventMask, PromptOrigin};
+    use crate::service::event::{EventMask, PromptOrigin};
     use std::sync::Arc;
 
     fn event(id: u64) -> MaskEvent {
