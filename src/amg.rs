@@ -10,6 +10,7 @@
 
 use image::RgbImage;
 
+pub use crate::boxes::{nms, BoxXyxy};
 use crate::engine::DecodedTokens;
 use crate::error::{Error, Result};
 use crate::parallel::parallel_parts;
@@ -105,9 +106,6 @@ impl AmgParams {
         Ok(())
     }
 }
-
-/// A box `[x0, y0, x1, y1]`; for mask boxes x1/y1 are the last pixel inside (inclusive).
-pub type BoxXyxy = [f32; 4];
 
 /// One generated mask, with the fields of Meta's output record.
 #[derive(Debug, Clone, PartialEq)]
@@ -253,37 +251,6 @@ pub fn is_box_near_crop_edge(bbox: BoxXyxy, crop_box: [usize; 4], image_box: [us
         let near_image = (uncropped[i] - image_box[i] as f32).abs() <= ATOL;
         near_crop && !near_image
     })
-}
-
-/// `torchvision.ops.nms`: indices kept, by decreasing score (stable for equal scores); a box is
-/// dropped when its IoU with a kept box is above `iou_threshold`.
-pub fn nms(boxes: &[BoxXyxy], scores: &[f32], iou_threshold: f32) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..boxes.len()).collect();
-    order.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]));
-    let area = |b: &BoxXyxy| (b[2] - b[0]) * (b[3] - b[1]);
-    let mut suppressed = vec![false; boxes.len()];
-    let mut keep = Vec::new();
-    for (n, &i) in order.iter().enumerate() {
-        if suppressed[i] {
-            continue;
-        }
-        keep.push(i);
-        let bi = &boxes[i];
-        for &j in &order[n + 1..] {
-            if suppressed[j] {
-                continue;
-            }
-            let bj = &boxes[j];
-            let w = (bi[2].min(bj[2]) - bi[0].max(bj[0])).max(0.0);
-            let h = (bi[3].min(bj[3]) - bi[1].max(bj[1])).max(0.0);
-            let inter = w * h;
-            let iou = inter / (area(bi) + area(bj) - inter);
-            if f64::from(iou) > f64::from(iou_threshold) {
-                suppressed[j] = true;
-            }
-        }
-    }
-    keep
 }
 
 /// Labels of the 8-connected components of `mask`'s true pixels, in raster order of their first
@@ -687,19 +654,6 @@ mod tests {
             layer2,
             vec![[0, 0, 194, 216], [0, 129, 194, 345], [0, 258, 194, 474]]
         );
-    }
-
-    #[test]
-    fn nms_matches_torchvision() {
-        // torchvision.ops.batched_nms(boxes, scores, zeros, 0.7) -> [1, 3, 2]
-        let boxes = [
-            [0.0, 0.0, 10.0, 10.0],
-            [1.0, 1.0, 11.0, 11.0],
-            [20.0, 20.0, 30.0, 30.0],
-            [0.0, 0.0, 10.0, 9.0],
-        ];
-        assert_eq!(nms(&boxes, &[0.9, 0.95, 0.5, 0.95], 0.7), vec![1, 3, 2]);
-        assert_eq!(nms(&[], &[], 0.7), Vec::<usize>::new());
     }
 
     #[test]

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use image::RgbImage;
 use serde::Deserialize;
 
+pub use crate::boxes::box_iou;
+use crate::boxes::nms_in_order;
 use crate::engine::ObjectDetector;
 use crate::error::{Error, Result};
 use crate::model::read_model_file;
@@ -246,15 +248,7 @@ impl Detector {
                 .filter(|&a| score(a) >= params.score_threshold)
                 .collect();
             candidates.sort_by(|&a, &b| score(b).total_cmp(&score(a)).then(a.cmp(&b)));
-            let mut kept: Vec<usize> = Vec::new();
-            for a in candidates {
-                if kept
-                    .iter()
-                    .all(|&k| box_iou(&boxes[a], &boxes[k]) <= f64::from(params.nms_iou))
-                {
-                    kept.push(a);
-                }
-            }
+            let kept = nms_in_order(&boxes, &candidates, f64::from(params.nms_iou));
             found.extend(kept.into_iter().map(|a| (score(a), class, a)));
         }
         found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
@@ -279,20 +273,6 @@ impl Detector {
     }
 }
 
-/// IoU of two `[x0, y0, x1, y1]` boxes; 0 when the union is empty.
-pub fn box_iou(a: &[f64; 4], b: &[f64; 4]) -> f64 {
-    let w = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let h = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = w * h;
-    let area = |r: &[f64; 4]| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 {
-        inter / union
-    } else {
-        0.0
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,15 +285,5 @@ mod tests {
         assert_eq!(l[3].as_deref(), Some("motorcycle"));
         let plain = parse_labels("cat\ndog\n");
         assert_eq!(plain[1].as_deref(), Some("dog"));
-    }
-
-    #[test]
-    fn iou_of_boxes() {
-        assert_eq!(
-            box_iou(&[0.0, 0.0, 2.0, 2.0], &[1.0, 1.0, 3.0, 3.0]),
-            1.0 / 7.0
-        );
-        assert_eq!(box_iou(&[0.0, 0.0, 1.0, 1.0], &[2.0, 2.0, 3.0, 3.0]), 0.0);
-        assert_eq!(box_iou(&[0.0, 0.0, 0.0, 0.0], &[0.0, 0.0, 0.0, 0.0]), 0.0);
     }
 }

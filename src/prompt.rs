@@ -3,9 +3,9 @@
 //! point (0, 0) labelled -1; coordinates scaled per axis by new/old size
 //! (`ResizeLongestSide.apply_coords`, in float64, then cast to float32).
 
-use crate::engine::LOW_RES_MASK_LEN;
 use crate::error::{Error, Result};
 use crate::preprocess::Size;
+use crate::sam_sizes::{LOW_RES_MASK_LEN, LOW_RES_MASK_SIZE};
 
 /// Whether a point marks the object (foreground) or what is not the object (background).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,7 +145,7 @@ impl Prompt {
         if let Some(m) = &self.mask_input {
             if m.len() != LOW_RES_MASK_LEN {
                 return Err(Error::Prompt(format!(
-                    "mask input has {} values, expected a 256x256 low-resolution logit mask ({LOW_RES_MASK_LEN})",
+                    "mask input has {} values, expected a {LOW_RES_MASK_SIZE}x{LOW_RES_MASK_SIZE} low-resolution logit mask ({LOW_RES_MASK_LEN})",
                     m.len()
                 )));
             }
