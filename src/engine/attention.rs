@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
+
 use tract_onnx::tract_hir::internal::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -1056,12 +1056,10 @@ fn run(geometry: &Geometry, scale: f32, data: &[&[f32]], out: &mut [f32]) {
             }
         }
     };
-    match current_tract_executor() {
-        Executor::MultiThread(pool) if threads > 1 && tasks > 1 => {
-            use rayon::prelude::*;
-            pool.install(|| (0..tasks).into_par_iter().for_each(task))
-        }
-        _ => (0..tasks).for_each(task),
+    if threads > 1 {
+        super::threads::for_each_unit(tasks, || (), |_, unit| task(unit));
+    } else {
+        (0..tasks).for_each(task);
     }
 }
 
@@ -1773,6 +1771,7 @@ fn add_bias(g: &Geometry, terms: &[&[f32]], b: usize, query: usize, scale: f32, 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tract_onnx::tract_core::tract_linalg::multithread::Executor;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n)

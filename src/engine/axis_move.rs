@@ -9,9 +9,9 @@
 //! that transpose in square tiles that stay in L1, its output rows split over tract's pool.
 //! `SAMRT_MOVE_AXIS=0` keeps tract's.
 
+use super::threads::par_chunks_mut;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
-use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 /// Smaller moves stay tract's: a task costs more than their copy.

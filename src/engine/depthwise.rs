@@ -16,10 +16,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use super::threads::par_chunks_mut;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::vector_math::{gelu, MulAdd};

@@ -14,10 +14,10 @@
 
 use std::sync::OnceLock;
 
+use super::threads::par_chunks_mut;
 use tract_onnx::model::{OnnxOpRegister, ParsingContext};
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 /// tract's ONNX parser with samrt's operators registered.

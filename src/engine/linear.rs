@@ -22,10 +22,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use super::threads::par_chunks_mut;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::onnx_graph::GraphIndex;

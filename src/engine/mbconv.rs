@@ -36,9 +36,11 @@ use super::vector_math::AlignedVec;
 pub const OP_TYPE: &str = "SamrtMbConv";
 const DOMAIN: &str = "ai.samrt";
 
-/// Bands of output rows per thread: a band recomputes two expanded rows at its edges, more bands
-/// balance the threads when one of them is slowed down.
-const BANDS_PER_THREAD: usize = 4;
+/// Bands of output rows per thread. A band recomputes two expanded rows at its edges (the
+/// expansion is about half a block's work): at 2 threads a part's 64 rows in 8 bands cost 25%
+/// more expansion than in one band, and the blocks gained 1.65x from the second thread; with one
+/// band per thread, 1.85x (per-operator profile, minimum of three runs each).
+const BANDS_PER_THREAD: usize = 1;
 
 /// Nodes one block is cut into, each a horizontal part of the output (joined by a `Concat`): a
 /// press waits for at most the encoder operator in flight (`service::priority`), and a whole

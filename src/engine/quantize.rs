@@ -11,10 +11,10 @@
 //! `f32::round_ties_even`), branch-free so that it vectorizes. Scale, zero point and every
 //! quantized value are those of tract's operator, bit for bit (tested).
 
+use super::threads::par_chunks_mut;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::vector_math::MulAdd;

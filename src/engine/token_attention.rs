@@ -26,9 +26,9 @@
 
 use std::sync::Arc;
 
+use super::threads::par_chunks_mut;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::change_axes::AxisOp;
-use tract_onnx::tract_core::tract_linalg::multithread::par_chunks_mut;
 use tract_onnx::tract_hir::internal::*;
 
 use super::attention::Attention;

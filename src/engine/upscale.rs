@@ -24,7 +24,7 @@ use std::sync::Arc;
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::{self, attribute_proto::AttributeType, AttributeProto, NodeProto};
 use tract_onnx::prelude::*;
-use tract_onnx::tract_core::tract_linalg::multithread::{current_tract_executor, Executor};
+
 use tract_onnx::tract_hir::internal::*;
 
 use super::linear::{gemm, panel_width, PackedWeights};
@@ -690,13 +690,7 @@ impl EvalOp for Upscale {
                 // SAFETY: each unit writes rows 4i..4i+4 of its own image's planes.
                 unsafe { self.row(x, (h, w), i, hyper, out.at(image * channels * 16 * h * w)) };
             };
-            match current_tract_executor() {
-                Executor::MultiThread(pool) if pool.current_num_threads() > 1 && units > 1 => {
-                    use rayon::prelude::*;
-                    pool.install(|| (0..units).into_par_iter().for_each(task))
-                }
-                _ => (0..units).for_each(task),
-            }
+            super::threads::for_each_unit(units, || (), |_, unit| task(unit));
         }
         Ok(tvec!(output.into_tvalue()))
     }
