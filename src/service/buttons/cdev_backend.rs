@@ -11,7 +11,7 @@ use std::time::Duration;
 use gpiocdev::line::{Bias, EdgeDetection, EdgeEvent, EdgeKind, EventClock};
 use gpiocdev::{Chip, Request};
 
-use super::{ButtonConfig, ButtonEdge, GPIO_GROUP_FIX};
+use super::{Button, ButtonConfig, ButtonEdge, GPIO_GROUP_FIX};
 
 /// How often the reading thread looks at its stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -158,3 +158,5 @@ impl Drop for CdevButton {
         }
     }
 }
+
+impl Button for CdevButton {}

@@ -25,7 +25,11 @@
 //! A backend whose feature is off keeps its place in [`BUTTON_BACKENDS`] and fails in
 //! [`start_button`] with an error naming the feature to rebuild with.
 //!
-//! Files: this one holds the `[button]` config, the registry and [`start_button`];
+//! Each started backend is a [`Button`] (dropping it stops it), started by its
+//! [`BUTTON_BACKENDS`] row; a failure is a [`ButtonError`] that names the fix.
+//!
+//! Files: this one holds the `[button]` config, the trait, the error, the registry and
+//! [`start_button`];
 //! `debounce.rs` the edges and the [`Debouncer`]; one file per backend (`software.rs`,
 //! `rppal_backend.rs`, `cdev_backend.rs`).
 
@@ -182,8 +186,40 @@ impl ButtonConfig {
     }
 }
 
+/// A started button backend. It sends [`ButtonEdge`]s on the channel it was started with (from
+/// its hardware callback or reading thread, nothing else) until it is dropped, which stops it.
+pub trait Button: Send {
+    /// The software button behind it: the `software` backend's; `None` for the others.
+    fn software(&self) -> Option<SoftwareButton> {
+        None
+    }
+}
+
+/// Why a button backend could not start, with the fix (a missing feature, chip, permission,
+/// a busy line, a bad value in `[button]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ButtonError(pub String);
+
+impl fmt::Display for ButtonError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ButtonError {}
+
+impl From<String> for ButtonError {
+    fn from(message: String) -> Self {
+        ButtonError(message)
+    }
+}
+
+/// How a backend starts: from `[button]`, sending on the channel.
+pub type StartButton =
+    fn(&ButtonConfig, SyncSender<ButtonEdge>) -> Result<Box<dyn Button>, ButtonError>;
+
 /// One row of [`BUTTON_BACKENDS`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy)]
 pub struct ButtonBackendInfo {
     pub kind: ButtonBackendKind,
     /// The cargo feature that compiles it in; `None`: always there.
@@ -192,6 +228,8 @@ pub struct ButtonBackendInfo {
     pub compiled_in: bool,
     /// One line for `--help` and error messages.
     pub about: &'static str,
+    /// Starts it (a backend that is not compiled in fails naming its feature).
+    pub start: StartButton,
 }
 
 impl ButtonBackendInfo {
@@ -208,24 +246,28 @@ pub const BUTTON_BACKENDS: &[ButtonBackendInfo] = &[
         feature: None,
         compiled_in: true,
         about: "no button",
+        start: |_, edges| Ok(Box::new(NoButton(edges))),
     },
     ButtonBackendInfo {
         kind: ButtonBackendKind::Software,
         feature: None,
         compiled_in: true,
         about: "presses from the control socket (and tests); no hardware",
+        start: |config, edges| Ok(Box::new(SoftwareButton::new(edges, config.debounce()))),
     },
     ButtonBackendInfo {
         kind: ButtonBackendKind::Rppal,
         feature: Some("rppal"),
         compiled_in: cfg!(feature = "rppal"),
         about: "Raspberry Pi GPIO (BCM pin), Pi 4 and Pi 5",
+        start: start_rppal,
     },
     ButtonBackendInfo {
         kind: ButtonBackendKind::Cdev,
         feature: Some("gpio-cdev"),
         compiled_in: cfg!(feature = "gpio-cdev"),
         about: "Linux GPIO character device (chip + line offset): Jetson, any Linux",
+        start: start_cdev,
     },
 ];
 
@@ -238,8 +280,21 @@ pub fn button_backend(kind: ButtonBackendKind) -> &'static ButtonBackendInfo {
 }
 
 /// The error of a backend whose feature is off.
-fn not_built(feature: &str) -> String {
-    format!("samrt was built without the `{feature}` feature: rebuild with `--features {feature}`")
+fn not_built(feature: &str) -> ButtonError {
+    ButtonError(format!(
+        "samrt was built without the `{feature}` feature: rebuild with `--features {feature}`"
+    ))
+}
+
+/// `backend = "none"`: holds the sender so the channel stays open while the handle lives.
+struct NoButton(#[allow(dead_code)] SyncSender<ButtonEdge>);
+
+impl Button for NoButton {}
+
+impl Button for SoftwareButton {
+    fn software(&self) -> Option<SoftwareButton> {
+        Some(self.clone())
+    }
 }
 
 /// Keeps a started button backend alive. Dropping it stops the backend: the interrupt is
@@ -247,18 +302,7 @@ fn not_built(feature: &str) -> String {
 /// receiver sees the channel disconnect once no [`SoftwareButton`] clone is left either).
 pub struct ButtonHandle {
     kind: ButtonBackendKind,
-    inner: HandleInner,
-}
-
-/// What a handle holds; the backends are never read, only kept alive until their `Drop`.
-enum HandleInner {
-    /// `none`: holds the sender so the channel stays open while the handle lives.
-    Idle(#[allow(dead_code)] SyncSender<ButtonEdge>),
-    Software(SoftwareButton),
-    #[cfg(feature = "rppal")]
-    Rppal(#[allow(dead_code)] rppal_backend::RppalButton),
-    #[cfg(feature = "gpio-cdev")]
-    Cdev(#[allow(dead_code)] cdev_backend::CdevButton),
+    backend: Box<dyn Button>,
 }
 
 impl ButtonHandle {
@@ -274,10 +318,7 @@ impl ButtonHandle {
 
     /// The software button, for the `software` backend; `None` for the others.
     pub fn software(&self) -> Option<SoftwareButton> {
-        match &self.inner {
-            HandleInner::Software(button) => Some(button.clone()),
-            _ => None,
-        }
+        self.backend.software()
     }
 }
 
@@ -294,7 +335,7 @@ impl fmt::Debug for ButtonHandle {
 pub fn start_button(
     config: &ButtonConfig,
     edges: SyncSender<ButtonEdge>,
-) -> Result<ButtonHandle, String> {
+) -> Result<ButtonHandle, ButtonError> {
     config.validate()?;
     let info = button_backend(config.backend);
     if !info.compiled_in {
@@ -303,17 +344,9 @@ pub fn start_button(
                 .expect("a backend that can be left out has a feature"),
         ));
     }
-    let inner = match config.backend {
-        ButtonBackendKind::None => HandleInner::Idle(edges),
-        ButtonBackendKind::Software => {
-            HandleInner::Software(SoftwareButton::new(edges, config.debounce()))
-        }
-        ButtonBackendKind::Rppal => start_rppal(config, edges)?,
-        ButtonBackendKind::Cdev => start_cdev(config, edges)?,
-    };
     Ok(ButtonHandle {
         kind: config.backend,
-        inner,
+        backend: (info.start)(config, edges)?,
     })
 }
 
@@ -321,22 +354,28 @@ pub fn start_button(
 fn start_rppal(
     config: &ButtonConfig,
     edges: SyncSender<ButtonEdge>,
-) -> Result<HandleInner, String> {
-    rppal_backend::RppalButton::start(config, edges).map(HandleInner::Rppal)
+) -> Result<Box<dyn Button>, ButtonError> {
+    Ok(Box::new(rppal_backend::RppalButton::start(config, edges)?))
 }
 
 #[cfg(not(feature = "rppal"))]
-fn start_rppal(_: &ButtonConfig, _: SyncSender<ButtonEdge>) -> Result<HandleInner, String> {
+fn start_rppal(
+    _: &ButtonConfig,
+    _: SyncSender<ButtonEdge>,
+) -> Result<Box<dyn Button>, ButtonError> {
     Err(not_built("rppal"))
 }
 
 #[cfg(feature = "gpio-cdev")]
-fn start_cdev(config: &ButtonConfig, edges: SyncSender<ButtonEdge>) -> Result<HandleInner, String> {
-    cdev_backend::CdevButton::start(config, edges).map(HandleInner::Cdev)
+fn start_cdev(
+    config: &ButtonConfig,
+    edges: SyncSender<ButtonEdge>,
+) -> Result<Box<dyn Button>, ButtonError> {
+    Ok(Box::new(cdev_backend::CdevButton::start(config, edges)?))
 }
 
 #[cfg(not(feature = "gpio-cdev"))]
-fn start_cdev(_: &ButtonConfig, _: SyncSender<ButtonEdge>) -> Result<HandleInner, String> {
+fn start_cdev(_: &ButtonConfig, _: SyncSender<ButtonEdge>) -> Result<Box<dyn Button>, ButtonError> {
     Err(not_built("gpio-cdev"))
 }
 
@@ -520,7 +559,7 @@ mod tests {
 
     fn start(config: ButtonConfig) -> (Result<ButtonHandle, String>, Receiver<ButtonEdge>) {
         let (tx, rx) = sync_channel(16);
-        (start_button(&config, tx), rx)
+        (start_button(&config, tx).map_err(|e| e.to_string()), rx)
     }
 
     #[test]

@@ -4,7 +4,7 @@ use std::sync::mpsc::SyncSender;
 
 use rppal::gpio::{Error, Event, Gpio, InputPin, Trigger};
 
-use super::{ButtonConfig, ButtonEdge, GPIO_GROUP_FIX};
+use super::{Button, ButtonConfig, ButtonEdge, GPIO_GROUP_FIX};
 
 /// The input pin with its interrupt; rppal's poll thread runs the callback.
 pub(super) struct RppalButton {
@@ -89,3 +89,5 @@ impl Drop for RppalButton {
         }
     }
 }
+
+impl Button for RppalButton {}
