@@ -270,10 +270,10 @@ QEMU_TESTS=(--lib --test aarch64_decoder --test jpeg_decode --test pil_resize --
             --test detector --test model_errors)
 QEMU_TESTS_A76=(--test aarch64_decoder --test quant --test f16)
 QEMU_SKIP=(--skip damaged_jpegs_fail_cleanly_in_the_cli --skip instances_from_the_on_board_detector
-           --skip engine::tests::specialized_decoder_plans_match_the_symbolic_plan
-           --skip engine::tests::image_stage_runs_once_per_embedding
-           --skip engine::tests::batched_prompts_match_one_by_one
-           --skip engine::tests::encoder_axis_moves_are_threaded)
+           --skip engine::decoder::tests::specialized_decoder_plans_match_the_symbolic_plan
+           --skip engine::decoder::tests::image_stage_runs_once_per_embedding
+           --skip engine::decoder::tests::batched_prompts_match_one_by_one
+           --skip engine::encoder::tests::encoder_axis_moves_are_threaded)
 TEST_ARGS=(--release --locked --target "$TARGET" --features board)
 run_tests() {
     step "build the emulated tests"
