@@ -1,5 +1,8 @@
 //! Work split over tract's thread pool (the one its matrix products run on), for samrt's
-//! operators whose parts are not independent rows that `par_chunks_mut` would cut finely.
+//! operators. Every split goes through [`for_each_part`], where the calling thread works as one
+//! of the pool's threads: [`par_chunks_mut`] (tract-linalg's, on samrt's dispatch) cuts rows,
+//! [`split_rows`] one run a thread, [`for_each_unit`] units with a scratch each. [`KeepAwake`]
+//! keeps the pool's threads waiting for work between a plan's operators.
 
 use tract_onnx::prelude::TractResult;
 use tract_onnx::tract_core::tract_linalg::multithread::{
