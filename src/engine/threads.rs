@@ -1,7 +1,7 @@
 //! Work split over tract's thread pool (the one its matrix products run on), for samrt's
-//! operators. Every split goes through [`for_each_part`], where the calling thread works as one
-//! of the pool's threads: [`par_chunks_mut`] (tract-linalg's, on samrt's dispatch) cuts rows,
-//! [`split_rows`] one run a thread, [`for_each_unit`] units with a scratch each. [`KeepAwake`]
+//! operators. Every split goes through [`for_each_unit`] (units with a scratch each), where the
+//! calling thread works as one of the pool's threads: [`par_chunks_mut`] (tract-linalg's, on
+//! samrt's dispatch) cuts rows, [`split_rows`] one run a thread. [`KeepAwake`]
 //! keeps the pool's threads waiting for work between a plan's operators.
 
 use tract_onnx::prelude::TractResult;
@@ -30,7 +30,7 @@ pub fn split_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut
             .windows(2)
             .map(|pair| (pair[0], (pair[1] - pair[0]) * row_len)),
     );
-    for_each_part(
+    for_each_unit(
         runs.len(),
         || (),
         |_, part| {
@@ -45,9 +45,10 @@ pub fn split_rows<T: Send>(out: &mut [T], row_len: usize, f: impl Fn(usize, &mut
 /// 1.9–2.0x from the second thread where four gave 1.8–1.85x (six: less).
 pub const CHUNKS_PER_THREAD: usize = 2;
 
-/// tract-linalg's `par_chunks_mut` on samrt's dispatch ([`for_each_part`]): `out` (rows of
-/// `row_len`) in up to [`CHUNKS_PER_THREAD`] runs of whole rows per thread, `f(first_row, run)` for each; one
-/// run when `total_elems` (the work, in tract's element count) is under tract's threshold.
+/// tract-linalg's `par_chunks_mut` on samrt's dispatch ([`for_each_unit`]): `out` (rows of
+/// `row_len`) in up to [`CHUNKS_PER_THREAD`] runs of whole rows per thread, `f(first_row, run)`
+/// for each; one run when `total_elems` (the work, in tract's element count) is under tract's
+/// threshold.
 pub fn par_chunks_mut<T: Send>(
     out: &mut [T],
     row_len: usize,
@@ -67,7 +68,7 @@ pub fn par_chunks_mut<T: Send>(
     });
     let runs = cut(out, sizes);
     let failure = std::sync::Mutex::new(None);
-    for_each_part(
+    for_each_unit(
         runs.len(),
         || (),
         |_, part| {
@@ -171,7 +172,7 @@ impl KeepAwake {
         if self.state.running.load(Ordering::Acquire) > 0 {
             return;
         }
-        // With the caller working as one of the threads ([`for_each_part`]), one thread of
+        // With the caller working as one of the threads ([`for_each_unit`]), one thread of
         // the pool fewer waits: a waiting thread more than the CPUs would take them from the
         // caller and the helpers.
         let waiting = if caller_works() {
@@ -230,31 +231,22 @@ impl Drop for KeepAwake {
     }
 }
 
-/// Runs `task(scratch, unit)` for every unit of `0..units` over tract's pool, each taking part
-/// with a scratch from `init`. One thread, or one unit: in order, with one scratch.
-pub fn for_each_unit<S>(
-    units: usize,
-    init: impl Fn() -> S + Sync + Send,
-    task: impl Fn(&mut S, usize) + Sync + Send,
-) {
-    for_each_part(units, init, task)
-}
-
-/// Whether the calling thread works on an operator's parts itself ([`for_each_part`]);
+/// Whether the calling thread works on an operator's parts itself ([`for_each_unit`]);
 /// `SAMRT_CALLER_WORKS=0` hands them all to the pool (rayon's `install`) and waits asleep.
 fn caller_works() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("SAMRT_CALLER_WORKS").map_or(true, |v| v != "0"))
 }
 
-/// Runs `task(scratch, part)` for every part of `0..parts` on the current executor's pool,
+/// Runs `task(scratch, part)` for every part of `0..parts` on the current executor's pool
+/// (an operator's units: blocks, bands, runs of rows),
 /// the calling thread working as one of its threads, as onnxruntime's caller does: each
 /// participant takes the next part not yet taken (so a thread that falls behind takes fewer),
 /// with a scratch of its own from `init`. The caller starts `threads - 1` helpers on the pool,
 /// works until no part is left, then waits for the helpers' last parts spinning (yielding the
 /// CPU), not asleep: waking a sleeping thread on a virtual machine costs a good part of a
 /// millisecond, once per operator. One thread, or one part: in order on this thread.
-pub fn for_each_part<S>(
+pub fn for_each_unit<S>(
     parts: usize,
     init: impl Fn() -> S + Sync + Send,
     task: impl Fn(&mut S, usize) + Sync + Send,
@@ -322,7 +314,7 @@ mod tests {
             let counts: Vec<AtomicUsize> = (0..1000).map(|_| AtomicUsize::new(0)).collect();
             let scratches = AtomicUsize::new(0);
             on_pool(threads, || {
-                for_each_part(
+                for_each_unit(
                     counts.len(),
                     || scratches.fetch_add(1, Ordering::Relaxed),
                     |_, part| {
@@ -368,11 +360,11 @@ mod tests {
     fn a_panicking_part_reaches_the_caller_and_the_pool_goes_on() {
         on_pool(2, || {
             let caught = std::panic::catch_unwind(|| {
-                for_each_part(64, || (), |_, part| assert!(part != 40, "part 40"));
+                for_each_unit(64, || (), |_, part| assert!(part != 40, "part 40"));
             });
             assert!(caught.is_err());
             let ran = AtomicUsize::new(0);
-            for_each_part(
+            for_each_unit(
                 64,
                 || (),
                 |_, _| {
